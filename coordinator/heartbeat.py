@@ -1,0 +1,110 @@
+"""The heartbeat a worker writes into Redis, and its strict parser."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coordinator.catalog import normalize_model
+from coordinator.errors import HeartbeatError
+
+MAX_HEARTBEAT_BYTES: Final = 64 * 1024
+"""A heartbeat larger than this is refused unparsed: no honest worker sends one."""
+
+TIER_GPU: Final = 1
+TIER_CPU: Final = 2
+TIER_STORAGE: Final = 3
+TIER_BY_NAME: Final = {"gpu": TIER_GPU, "cpu": TIER_CPU, "storage": TIER_STORAGE}
+TIER_NAMES: Final = {number: name for name, number in TIER_BY_NAME.items()}
+
+WorkerStatus = Literal["healthy", "degraded", "unhealthy", "draining"]
+ServiceStatus = Literal["healthy", "unhealthy"]
+WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:-]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Heartbeat(BaseModel):
+    """One worker's state as last reported; the router's only view of the fleet.
+
+    The fields of the design document parse as they are; ``tier``, ``capabilities``,
+    ``queue``, ``models_in_memory`` and ``timestamp`` are additions. Unknown fields are
+    ignored so that newer workers can talk to older coordinators.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+    worker_id: WorkerId
+    status: WorkerStatus = "healthy"
+    current_load: float = Field(default=0.0, ge=0.0, le=1.0, description="CPU load, 0-1")
+    available_memory: str | None = None
+    gpu_utilization: float | None = Field(default=None, ge=0.0, le=100.0, description="%")
+    active_requests: int = Field(default=0, ge=0)
+    loaded_models: tuple[Name, ...] = Field(default=(), max_length=1024)
+    models_in_memory: tuple[Name, ...] = Field(default=(), max_length=1024)
+    specialization: Name | None = None
+    services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
+    tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE)
+    capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
+    queue: Name | None = None
+    timestamp: float | None = Field(default=None, ge=0.0, description="unix time, seconds")
+
+    @field_validator("tier", mode="before")
+    @classmethod
+    def _tier_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in TIER_BY_NAME:
+            return TIER_BY_NAME[value.lower()]
+        return value
+
+    @field_validator("loaded_models", "models_in_memory", mode="after")
+    @classmethod
+    def _normalize_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(normalize_model(name) for name in value))
+
+    @model_validator(mode="after")
+    def _capabilities_from_services(self) -> Heartbeat:
+        # The design's heartbeat has no capability list: the services it reports are them.
+        if not self.capabilities and self.services_status:
+            object.__setattr__(self, "capabilities", tuple(self.services_status))
+        return self
+
+    @property
+    def tier_name(self) -> str:
+        """``gpu``, ``cpu``, ``storage`` or ``unknown``."""
+        return TIER_NAMES.get(self.tier, "unknown") if self.tier is not None else "unknown"
+
+    def to_json(self) -> str:
+        """The JSON written to Redis."""
+        return self.model_dump_json(exclude_none=True)
+
+
+def parse_heartbeat(raw: str | bytes, worker_id: str | None = None) -> Heartbeat:
+    """Parse and validate one heartbeat.
+
+    ``worker_id`` is where the payload was found (its Redis key); a payload that claims to
+    be another worker is refused, so one entry can never impersonate another in routing.
+
+    Raises:
+        HeartbeatError: naming the worker, for oversized, non-JSON or invalid payloads.
+    """
+    if len(raw) > MAX_HEARTBEAT_BYTES:
+        raise HeartbeatError(worker_id, f"{len(raw)} bytes is over {MAX_HEARTBEAT_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HeartbeatError(worker_id, f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HeartbeatError(worker_id, f"expected a JSON object, got {type(data).__name__}")
+    try:
+        heartbeat = Heartbeat.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}={err.get('input')!r}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        claimed = data.get("worker_id")
+        raise HeartbeatError(worker_id or (str(claimed) if claimed else None), problems) from None
+    if worker_id is not None and heartbeat.worker_id != worker_id:
+        raise HeartbeatError(worker_id, f"claims to be worker {heartbeat.worker_id!r}")
+    return heartbeat

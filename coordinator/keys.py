@@ -1,0 +1,87 @@
+"""Every Redis key and broker queue name this project uses, in one place.
+
+All names start with the namespace (``NAMESPACE``, default ``aiq``) so several fleets, or
+test runs, can share one Redis server without touching each other's data.
+
+Registry keys (the coordinator's own data):
+
+==================================  ======  ===============================================
+key                                 type    contents
+==================================  ======  ===============================================
+``{ns}:worker:{worker_id}``         string  the worker's last heartbeat (JSON), expires
+                                            after ``HEARTBEAT_TTL_S``
+``{ns}:workers``                    set     ids of workers that have heartbeated; an id
+                                            whose heartbeat key has expired is removed by
+                                            the next registry read
+``{ns}:inflight``                   hash    worker_id -> tasks routed to the worker that
+                                            have not finished yet (queued or running)
+``{ns}:decisions``                  list    the last ``DECISIONS_KEPT`` routing decisions
+                                            (JSON), newest first
+==================================  ======  ===============================================
+
+Broker queues (Celery's Redis transport keeps each queue as a list named after it):
+
+==================================  ===============================================
+queue                               consumed by
+==================================  ===============================================
+``{ns}.worker.{worker_id}``         that worker only; the router's usual target
+``{ns}.service.{service}``          every worker with the capability; the fallback
+                                    when no live worker can take a task
+``{ns}.default``                    every worker; tasks that are not model tasks
+==================================  ===============================================
+
+The registry keys share the hash tag ``{ns}`` so the registry's Lua script also works on
+Redis Cluster, where all keys of one script must live in one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds every Redis key and queue name for one namespace."""
+
+    namespace: str = "aiq"
+
+    @property
+    def _tag(self) -> str:
+        return "{" + self.namespace + "}"
+
+    def worker(self, worker_id: str) -> str:
+        """The key holding one worker's heartbeat."""
+        return f"{self._tag}:worker:{worker_id}"
+
+    @property
+    def worker_prefix(self) -> str:
+        """The common prefix of every heartbeat key (used by the registry's Lua script)."""
+        return f"{self._tag}:worker:"
+
+    @property
+    def workers(self) -> str:
+        """The set of worker ids that have heartbeated."""
+        return f"{self._tag}:workers"
+
+    @property
+    def inflight(self) -> str:
+        """The hash of tasks routed to each worker and not finished yet."""
+        return f"{self._tag}:inflight"
+
+    @property
+    def decisions(self) -> str:
+        """The list of recent routing decisions, newest first."""
+        return f"{self._tag}:decisions"
+
+    def worker_queue(self, worker_id: str) -> str:
+        """The queue only this worker consumes."""
+        return f"{self.namespace}.worker.{worker_id}"
+
+    def service_queue(self, service: str) -> str:
+        """The shared fallback queue of every worker that offers ``service``."""
+        return f"{self.namespace}.service.{service}"
+
+    @property
+    def default_queue(self) -> str:
+        """The queue for tasks the router does not route."""
+        return f"{self.namespace}.default"

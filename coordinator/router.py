@@ -1,0 +1,201 @@
+"""The Celery router: scores the live fleet and sends each model task to one worker's queue."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis
+
+from coordinator.catalog import detect_required_model, task_spec
+from coordinator.decisions import Decision, Outcome
+from coordinator.keys import Keys
+from coordinator.registry import Registry, Snapshot
+from coordinator.scoring import Candidate, ScoreBreakdown, Weights, candidates, rank_candidates
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+KEPT_CANDIDATES: Final = 5
+"""Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
+
+
+@dataclass
+class FleetRouter:
+    """A Celery router (``task_routes = [FleetRouter(...)]``) for the model tasks.
+
+    Per decision it reuses a registry snapshot up to ``refresh_s`` old and makes one Redis
+    round trip, which both counts the task against the chosen worker and brings back every
+    worker's in-flight count: publishers in other processes see each other's assignments
+    without waiting for the next heartbeat, so a burst spreads instead of herding.
+
+    Redis errors never escape: the task goes to its service's shared queue and the router
+    leaves Redis alone for ``retry_after_s``.
+    """
+
+    registry: Registry
+    weights: Weights = field(default_factory=Weights)
+    refresh_s: float = 1.0
+    decisions_kept: int = 1000
+    retry_after_s: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Clock = time.monotonic
+    wall_clock: Clock = time.time
+
+    _snapshot: Snapshot | None = field(default=None, init=False, repr=False)
+    _snapshot_at: float = field(default=float("-inf"), init=False, repr=False)
+    _pools: dict[tuple[str, str | None], list[Candidate]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _in_flight: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _down_until: float = field(default=float("-inf"), init=False, repr=False)
+    _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def keys(self) -> Keys:
+        """The namespace's key and queue names."""
+        return self.registry.keys
+
+    def __call__(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+        task: Any = None,
+        **_: Any,
+    ) -> dict[str, str] | None:
+        """Celery's router protocol: a route for model tasks, ``None`` for everything else."""
+        spec = task_spec(name)
+        if spec is None or options.get("queue"):
+            return None  # not ours, or the caller chose a queue: theirs wins
+        model = detect_required_model(name, kwargs)
+        return {"queue": self.route(name, spec.service, model)}
+
+    def route(self, task: str, service: str, model: str | None) -> str:
+        """Choose the queue for one task and count it against the chosen worker."""
+        now = self.clock()
+        if now < self._down_until:
+            return self._fallback(task, service, model, "fallback_registry_down", now)
+        try:
+            pool = self._pool(service, model, now)
+            ranked = rank_candidates(
+                pool,
+                weights=self.weights,
+                in_flight=self._in_flight,
+                rng=self.rng,
+                limit=KEPT_CANDIDATES,
+            )
+            if not ranked:
+                return self._fallback(task, service, model, "fallback_no_worker", now)
+            winner = ranked[0]
+            queue = next(
+                self._queue_of(c) for c in pool if c.heartbeat.worker_id == winner.worker_id
+            )
+            decision = self._decision(task, service, model, "routed", queue, ranked, len(pool))
+            self._in_flight = self.registry.claim(
+                winner.worker_id, decision.model_dump_json(), self.decisions_kept
+            )
+        except redis.RedisError as exc:
+            self._down_until = now + self.retry_after_s
+            self._invalidate()
+            return self._fallback(task, service, model, "fallback_registry_down", now, exc)
+        log.info(
+            "routed %s (model %s) to %s, score %.1f, best of %d",
+            task,
+            model,
+            winner.worker_id,
+            winner.total,
+            len(pool),
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            for score in ranked:
+                log.debug("  candidate %s", score.as_dict())
+        return queue
+
+    def explain(self, service: str, model: str | None) -> list[ScoreBreakdown]:
+        """How every eligible worker scores right now, best first; claims nothing."""
+        snapshot = self.registry.snapshot()
+        pool = candidates(snapshot.heartbeats, service, model, self.weights)
+        return rank_candidates(pool, weights=self.weights, in_flight=snapshot.in_flight)
+
+    def _pool(self, service: str, model: str | None, now: float) -> list[Candidate]:
+        if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
+            with self._lock:
+                if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
+                    snapshot = self.registry.snapshot()
+                    self._pools = {}
+                    self._snapshot, self._snapshot_at = snapshot, now
+                    self._in_flight = snapshot.in_flight
+        key = (service, model)
+        pool = self._pools.get(key)
+        if pool is None:
+            assert self._snapshot is not None
+            pool = candidates(self._snapshot.heartbeats, service, model, self.weights)
+            self._pools[key] = pool
+        return pool
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._snapshot, self._snapshot_at, self._pools = None, float("-inf"), {}
+
+    def _queue_of(self, c: Candidate) -> str:
+        return c.heartbeat.queue or self.keys.worker_queue(c.heartbeat.worker_id)
+
+    def _decision(
+        self,
+        task: str,
+        service: str,
+        model: str | None,
+        outcome: Outcome,
+        queue: str,
+        ranked: Sequence[ScoreBreakdown] = (),
+        eligible: int = 0,
+        reason: str | None = None,
+    ) -> Decision:
+        return Decision(
+            at=self.wall_clock(),
+            task=task,
+            service=service,
+            model=model,
+            outcome=outcome,
+            queue=queue,
+            worker_id=ranked[0].worker_id if ranked else None,
+            eligible=eligible,
+            candidates=[score.as_dict() for score in ranked],
+            reason=reason,
+        )
+
+    def _fallback(
+        self,
+        task: str,
+        service: str,
+        model: str | None,
+        outcome: Outcome,
+        now: float,
+        error: Exception | None = None,
+    ) -> str:
+        queue = self.keys.service_queue(service)
+        if outcome == "fallback_no_worker":
+            reason = f"no live worker offers {service!r}"
+        else:
+            reason = f"registry unreachable: {type(error).__name__ if error else 'backing off'}"
+        # A fleet-wide outage would log this once per task; once per service per interval
+        # says the same thing.
+        if now - self._last_warning.get(service + outcome, float("-inf")) >= 10.0:
+            self._last_warning[service + outcome] = now
+            log.warning("%s for %s (model %s): sent to shared queue %s", reason, task, model, queue)
+        if outcome == "fallback_no_worker":
+            decision = self._decision(task, service, model, outcome, queue, reason=reason)
+            try:
+                self.registry.record_decision(decision.model_dump_json(), self.decisions_kept)
+            except redis.RedisError:
+                self._down_until = now + self.retry_after_s
+        return queue

@@ -1,0 +1,114 @@
+"""Configuration from environment variables (pydantic-settings); see the README's table."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Any, Literal, Self, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from coordinator.errors import ConfigError
+from coordinator.keys import Keys
+from coordinator.scoring import Weights
+
+_NAME = r"^[A-Za-z0-9_.@:-]+$"
+
+
+class CoordinatorSettings(BaseSettings):
+    """What every process of the fleet needs: clients, routers and workers."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    redis_url: str = Field(default="redis://localhost:6379/0", min_length=1)
+    registry_url: str | None = Field(
+        default=None, description="Redis of the registry when it is not REDIS_URL"
+    )
+    namespace: str = Field(default="aiq", min_length=1, max_length=64, pattern=_NAME)
+    heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
+    heartbeat_ttl_s: float | None = Field(default=None, gt=0.0)
+    score_weights: Weights = Field(default_factory=Weights)
+    routing_seed: int | None = None
+    registry_refresh_s: float = Field(default=1.0, ge=0.0)
+    redis_timeout_s: float = Field(default=1.0, gt=0.0)
+    decisions_kept: int = Field(default=1000, ge=0)
+
+    @model_validator(mode="after")
+    def _ttl_outlives_interval(self) -> Self:
+        if self.heartbeat_ttl_s is None:
+            object.__setattr__(self, "heartbeat_ttl_s", 3 * self.heartbeat_interval_s)
+        elif self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"HEARTBEAT_TTL_S={self.heartbeat_ttl_s!r} must be longer than "
+                f"HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s!r}, or every worker "
+                "would drop out between two heartbeats"
+            )
+        return self
+
+    @property
+    def ttl_s(self) -> float:
+        """The heartbeat TTL, resolved."""
+        assert self.heartbeat_ttl_s is not None  # set by the validator
+        return self.heartbeat_ttl_s
+
+    @property
+    def keys(self) -> Keys:
+        """Key and queue names of this namespace."""
+        return Keys(self.namespace)
+
+    @property
+    def registry_redis_url(self) -> str:
+        """Where the registry lives."""
+        return self.registry_url or self.redis_url
+
+
+class WorkerSettings(CoordinatorSettings):
+    """What a worker host adds: who it is and where its model services are."""
+
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=128, pattern=_NAME
+    )
+    worker_tier: Literal["gpu", "cpu", "storage"] | None = Field(
+        default=None, description="detected when unset: gpu when NVML sees a device"
+    )
+    worker_specialization: str | None = None
+    worker_capabilities: Annotated[list[str] | None, NoDecode] = None
+    ollama_url: str = "http://localhost:11434"
+    embeddings_url: str = "http://localhost:8000"
+    ocr_url: str = "http://localhost:8001"
+    probe_timeout_s: float = Field(default=2.0, gt=0.0)
+    model_timeout_s: float = Field(default=300.0, gt=0.0)
+
+    @field_validator("worker_capabilities", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
+
+    @field_validator("worker_specialization", "worker_tier", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+S = TypeVar("S", bound=CoordinatorSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Read settings from the environment, turning validation errors into :class:`ConfigError`.
+
+    The message names each variable and the value it had, e.g.
+    ``WORKER_TIER='tpu': Input should be 'gpu', 'cpu' or 'storage'``.
+    """
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "_".join(str(part) for part in err["loc"]).upper()
+            if name:
+                problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+            else:
+                problems.append(err["msg"].removeprefix("Value error, "))
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

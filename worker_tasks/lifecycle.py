@@ -1,0 +1,119 @@
+"""What a worker does at start, per task and at shutdown, through Celery's signals."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task, signals
+from celery.worker import state
+
+from coordinator.errors import ConfigError
+from coordinator.settings import WorkerSettings, load_settings
+from worker_tasks import system
+from worker_tasks.app import FleetApp
+from worker_tasks.heartbeat import HeartbeatSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    """This worker process's identity and heartbeat; set at start-up."""
+
+    settings: WorkerSettings
+    queue: str
+    heartbeat: HeartbeatSender
+
+
+def _active_requests() -> int:
+    # Kept by Celery in the worker's main process for every pool, solo included.
+    return len(state.active_requests)
+
+
+def _own_queues(
+    app: FleetApp, settings: WorkerSettings, capabilities: tuple[str, ...]
+) -> list[str]:
+    keys = app.settings.keys
+    return [
+        keys.worker_queue(settings.worker_id),
+        *(keys.service_queue(service) for service in capabilities),
+        keys.default_queue,
+    ]
+
+
+def start(app: FleetApp, instance: Any) -> WorkerRuntime:
+    """Load worker settings, probe the services and choose the queues to consume."""
+    try:
+        settings = load_settings(WorkerSettings)
+    except ConfigError as exc:
+        # SystemExit, because Celery logs and ignores ordinary errors from signal handlers.
+        raise SystemExit(f"worker cannot start: {exc}") from None
+    # httpx logs every probe at INFO: one line per service per heartbeat is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    tier = settings.worker_tier or system.detect_tier()
+    queue = app.settings.keys.worker_queue(settings.worker_id)
+    sender = HeartbeatSender(
+        settings=settings,
+        registry=app.registry,
+        tier=tier,
+        queue=queue,
+        active_requests=_active_requests,
+    )
+    capabilities = sender.capabilities(sender.probe())
+    queues = app.amqp.queues
+    # -Q on the command line selects queues before this runs; then the operator's choice
+    # stands. Celery keeps no public flag for "-Q was given", hence the private attribute.
+    if getattr(queues, "_consume_from", None) is None:
+        queues.select(_own_queues(app, settings, capabilities))
+    elif queue not in queues.consume_from:
+        log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
+    log.info(
+        "worker %s (tier %s, specialization %s, capabilities %s) consumes %s",
+        settings.worker_id,
+        tier,
+        settings.worker_specialization,
+        ",".join(capabilities) or "none",
+        ",".join(sorted(queues.consume_from)),
+    )
+    runtime = WorkerRuntime(settings=settings, queue=queue, heartbeat=sender)
+    app.runtime = runtime
+    return runtime
+
+
+def install(app: FleetApp) -> None:
+    """Connect the worker hooks of ``app``; harmless in processes that only send tasks."""
+
+    @signals.celeryd_after_setup.connect(weak=False)
+    def _after_setup(sender: str, instance: Any, **_: Any) -> None:
+        if instance.app is app:
+            start(app, instance)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(sender: Any, **_: Any) -> None:
+        runtime = app.runtime
+        if sender.app is app and runtime is not None:
+            app.registry.reset_in_flight(runtime.settings.worker_id)
+            runtime.heartbeat.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _shutdown(sender: Any, **_: Any) -> None:
+        runtime, app.runtime = app.runtime, None
+        if runtime is not None:
+            runtime.heartbeat.stop(deregister=True)
+
+    @signals.task_postrun.connect(weak=False)
+    def _postrun(
+        sender: Task[Any, Any] | None = None, task: Task[Any, Any] | None = None, **_: Any
+    ) -> None:
+        task = task or sender
+        if task is None or task.app is not app:
+            return
+        runtime = app.runtime
+        delivery = task.request.delivery_info or {}
+        if runtime is not None and delivery.get("routing_key") == runtime.queue:
+            try:
+                app.registry.release(runtime.settings.worker_id)
+            except Exception as exc:  # a lost release costs balance, never the task
+                log.warning("could not release in-flight slot: %s", exc)

@@ -1,0 +1,155 @@
+"""The model tasks applications call: ``generate``, ``ocr`` and ``embed``.
+
+Retry policy: a :class:`ServiceUnavailableError` failure (connection refused, timeout, HTTP 5xx
+or 429) is retried up to 3 times with exponential backoff and jitter (2 s, 4 s, 8 s, at most
+60 s), and each retry is routed afresh, so it can move to a healthier worker. Any other
+failure (unknown model, bad input, HTTP 4xx) fails the task at once with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import httpx
+from celery import Task, shared_task
+
+from coordinator.catalog import EMBED, GENERATE, OCR, TASKS, detect_required_model, task_spec
+from coordinator.errors import ServiceUnavailableError, TaskInputError
+from coordinator.settings import WorkerSettings, load_settings
+from worker_tasks import model_client
+from worker_tasks.app import FleetApp
+
+OCR_PROMPT = "Extract all text from this image. Answer with the text only."
+MAX_EMBED_TEXTS = 1024
+
+
+class ModelTask(Task[Any, Any]):
+    """Base of the model tasks: retries transient service failures, re-routed."""
+
+    autoretry_for = (ServiceUnavailableError,)
+    max_retries = 3
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's retry, sent where the router chooses now rather than back to this worker."""
+        spec = task_spec(self.name)
+        if spec is not None and "queue" not in options and isinstance(self.app, FleetApp):
+            call_kwargs = kwargs if kwargs is not None else self.request.kwargs
+            model = detect_required_model(self.name, call_kwargs)
+            options["queue"] = self.app.router.route(self.name, spec.service, model)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def worker_settings(self) -> WorkerSettings:
+        """This worker's settings (read from the environment outside a started worker)."""
+        runtime = getattr(self.app, "runtime", None)
+        return runtime.settings if runtime is not None else load_settings(WorkerSettings)
+
+    def http(self, settings: WorkerSettings) -> httpx.Client:
+        """A client with the model-call timeout."""
+        return httpx.Client(timeout=settings.model_timeout_s)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TaskInputError(f"{name} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def _model(value: object, default: str) -> str:
+    if value is None:
+        return default
+    return _text(value, "model")
+
+
+def _image_base64(image: object) -> str:
+    """Accept a file path or base64 text; always return validated base64."""
+    text = _text(image, "image")
+    path = Path(text) if len(text) < 4096 else None
+    if path is not None and path.is_file():
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise TaskInputError(
+            f"image must be a readable file path or base64, got {text!r:.80}"
+        ) from None
+    return text
+
+
+@shared_task(name=GENERATE, base=ModelTask, bind=True)
+def generate(
+    self: ModelTask,
+    prompt: str,
+    *,
+    model: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate text with an Ollama model (service ``vllm``); not streamed."""
+    settings = self.worker_settings()
+    name = _model(model, TASKS[GENERATE].default_model)
+    with self.http(settings) as client:
+        answer = model_client.generate(
+            client, settings.ollama_url, model=name, prompt=_text(prompt, "prompt"), options=options
+        )
+    return {
+        "worker_id": settings.worker_id,
+        "model": name,
+        "response": answer["response"],
+        "load_duration_ns": answer.get("load_duration"),
+        "eval_count": answer.get("eval_count"),
+    }
+
+
+@shared_task(name=OCR, base=ModelTask, bind=True)
+def ocr(
+    self: ModelTask,
+    image: str,
+    *,
+    model: str | None = None,
+    prompt: str = OCR_PROMPT,
+) -> dict[str, Any]:
+    """Read the text in an image (base64 or a path on the worker) with a vision model."""
+    settings = self.worker_settings()
+    name = _model(model, TASKS[OCR].default_model)
+    images = [_image_base64(image)]
+    with self.http(settings) as client:
+        answer = model_client.generate(
+            client, settings.ocr_url, model=name, prompt=_text(prompt, "prompt"), images=images
+        )
+    return {"worker_id": settings.worker_id, "model": name, "text": answer["response"]}
+
+
+@shared_task(name=EMBED, base=ModelTask, bind=True)
+def embed(
+    self: ModelTask,
+    texts: list[str] | str,
+    *,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Embed one text or a list of texts (service ``embeddings``)."""
+    settings = self.worker_settings()
+    name = _model(model, TASKS[EMBED].default_model)
+    items = [texts] if isinstance(texts, str) else texts
+    if not isinstance(items, list) or not items or len(items) > MAX_EMBED_TEXTS:
+        raise TaskInputError(
+            f"texts must be a string or a list of 1-{MAX_EMBED_TEXTS} strings, got {texts!r:.80}"
+        )
+    checked = [_text(item, "texts[]") for item in items]
+    with self.http(settings) as client:
+        vectors = model_client.embed(client, settings.embeddings_url, model=name, texts=checked)
+    return {"worker_id": settings.worker_id, "model": name, "embeddings": vectors}
