@@ -47,8 +47,10 @@ def detect_required_model(task_name: str, kwargs: Mapping[str, Any] | None) -> s
 
     Returns ``None`` for tasks that are not model tasks.
     """
-    model = (kwargs or {}).get("model")
-    if isinstance(model, str) and model.strip():
-        return normalize_model(model)
     spec = TASKS.get(task_name)
-    return spec.default_model if spec is not None else None
+    if spec is None:
+        return None
+    model = (kwargs or {}).get("model")
+    if isinstance(model, str) and normalize_model(model):
+        return normalize_model(model)
+    return spec.default_model

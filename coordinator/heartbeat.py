@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,18 +38,20 @@ class Heartbeat(BaseModel):
 
     worker_id: WorkerId
     status: WorkerStatus = "healthy"
-    current_load: float = Field(default=0.0, ge=0.0, le=1.0, description="CPU load, 0-1")
+    # Numbers are strict: a heartbeat saying ``true`` or ``"1"`` where a number belongs is
+    # broken, not 1.
+    current_load: float = Field(default=0.0, ge=0.0, le=1.0, strict=True, description="0-1")
     available_memory: str | None = None
-    gpu_utilization: float | None = Field(default=None, ge=0.0, le=100.0, description="%")
-    active_requests: int = Field(default=0, ge=0)
+    gpu_utilization: float | None = Field(default=None, ge=0.0, le=100.0, strict=True)
+    active_requests: int = Field(default=0, ge=0, strict=True)
     loaded_models: tuple[Name, ...] = Field(default=(), max_length=1024)
     models_in_memory: tuple[Name, ...] = Field(default=(), max_length=1024)
     specialization: Name | None = None
     services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
-    tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE)
+    tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE, strict=True)
     capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
     queue: Name | None = None
-    timestamp: float | None = Field(default=None, ge=0.0, description="unix time, seconds")
+    timestamp: float | None = Field(default=None, ge=0.0, strict=True, description="unix s")
 
     @field_validator("tier", mode="before")
     @classmethod
@@ -60,7 +63,8 @@ class Heartbeat(BaseModel):
     @field_validator("loaded_models", "models_in_memory", mode="after")
     @classmethod
     def _normalize_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(normalize_model(name) for name in value))
+        names = (normalize_model(name) for name in value)
+        return tuple(dict.fromkeys(name for name in names if name))
 
     @model_validator(mode="after")
     def _capabilities_from_services(self) -> Heartbeat:
@@ -88,23 +92,39 @@ def parse_heartbeat(raw: str | bytes, worker_id: str | None = None) -> Heartbeat
     Raises:
         HeartbeatError: naming the worker, for oversized, non-JSON or invalid payloads.
     """
-    if len(raw) > MAX_HEARTBEAT_BYTES:
-        raise HeartbeatError(worker_id, f"{len(raw)} bytes is over {MAX_HEARTBEAT_BYTES}")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode(errors="replace"))
+    if size > MAX_HEARTBEAT_BYTES:
+        raise HeartbeatError(worker_id, f"{size} bytes is over {MAX_HEARTBEAT_BYTES}")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HeartbeatError(worker_id, f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise HeartbeatError(worker_id, f"expected a JSON object, got {type(data).__name__}")
-    try:
-        heartbeat = Heartbeat.model_validate(data)
+        # pydantic's own JSON parser: no recursion limit to hit, NaN refused, one pass.
+        heartbeat = Heartbeat.model_validate_json(raw)
     except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0] if errors else None
+        if first is not None and first["type"] == "json_invalid":
+            raise HeartbeatError(worker_id, f"not JSON ({first['msg']}): {raw[:80]!r}") from None
+        if first is not None and first["type"] == "model_type" and not first["loc"]:
+            got = type(first["input"]).__name__
+            raise HeartbeatError(worker_id, f"expected a JSON object, got {got}") from None
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}={err.get('input')!r}: {err['msg']}"
-            for err in exc.errors()[:5]
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}={err.get('input')!r:.200}: "
+            f"{err['msg']}"
+            for err in errors[:5]
         )
-        claimed = data.get("worker_id")
-        raise HeartbeatError(worker_id or (str(claimed) if claimed else None), problems) from None
+        raise HeartbeatError(worker_id or _claimed_id(raw), problems) from None
     if worker_id is not None and heartbeat.worker_id != worker_id:
         raise HeartbeatError(worker_id, f"claims to be worker {heartbeat.worker_id!r}")
     return heartbeat
+
+
+def _claimed_id(raw: str | bytes) -> str | None:
+    """The worker id a payload that failed validation claims, for the error message."""
+    text = raw if isinstance(raw, str) else raw.decode(errors="replace")
+    match = re.search(r'"worker_id"\s*:\s*("(?:[^"\\]|\\.){1,1024}")', text)
+    if match is None:
+        return None
+    try:
+        claimed = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return claimed if isinstance(claimed, str) else None

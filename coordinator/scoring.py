@@ -22,7 +22,7 @@ ROUTABLE_STATUSES: Final = frozenset({"healthy", "degraded"})
 class Weights(BaseModel):
     """Points per factor; the defaults are the design document's table."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model_loaded: float = Field(default=100.0, description="worker has the model")
     specialization: float = Field(default=50.0, description="worker specialises in the service")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from coordinator.errors import ConfigError
 from coordinator.keys import Keys
@@ -18,7 +20,7 @@ _NAME = r"^[A-Za-z0-9_.@:-]+$"
 class CoordinatorSettings(BaseSettings):
     """What every process of the fleet needs: clients, routers and workers."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     redis_url: str = Field(default="redis://localhost:6379/0", min_length=1)
     registry_url: str | None = Field(
@@ -91,6 +93,11 @@ class WorkerSettings(CoordinatorSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("worker_tier", mode="before")
+    @classmethod
+    def _tier_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
 
 S = TypeVar("S", bound=CoordinatorSettings)
 
@@ -103,12 +110,19 @@ def load_settings(cls: type[S]) -> S:
     """
     try:
         return cls()
+    except SettingsError as exc:
+        # Raised before validation when a JSON-valued variable is not JSON.
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = match.group(1).upper() if match else "?"
+        value = next((v for k, v in os.environ.items() if k.upper() == name), None)
+        raise ConfigError(f"invalid configuration: {name}={value!r}: not valid JSON") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = "_".join(str(part) for part in err["loc"]).upper()
-            if name:
-                problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
-            else:
+            if not err["loc"]:
                 problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0]).upper()
+            inner = "".join(f"[{part!r}]" for part in err["loc"][1:])
+            problems.append(f"{name}{inner}={err.get('input')!r}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,7 +1,9 @@
-"""The worker's heartbeat: measure, probe, write to the registry, on a thread of its own.
+"""The worker's heartbeat: measure, probe, write to the registry, on threads of its own.
 
-A thread rather than a Celery timer: the worker's timer does not fire while the solo pool
-runs a task, and a long generation must not make the worker look dead.
+Threads rather than a Celery timer: the worker's timer does not fire while the solo pool
+runs a task, and a long generation must not make the worker look dead. Probing the model
+services has a thread of its own too, so a service that hangs until its timeout delays
+what the heartbeat says about that service, never the heartbeat itself.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class HeartbeatSender:
     _known: set[str] = field(default_factory=set, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _http: httpx.Client = field(init=False)
+    _probed: ProbeResult = field(default_factory=ProbeResult, init=False)
 
     def __post_init__(self) -> None:
         self._http = httpx.Client(timeout=self.settings.probe_timeout_s)
@@ -64,9 +67,14 @@ class HeartbeatSender:
         self._known.update(s for s, ok in probed.services_status.items() if ok)
         return tuple(sorted(self._known))
 
-    def build(self, probed: ProbeResult | None = None) -> Heartbeat:
-        """This worker's heartbeat as of now."""
-        probed = probed or self.probe()
+    def refresh_probes(self) -> ProbeResult:
+        """Probe now and use the result from the next heartbeat on."""
+        self._probed = self.probe()
+        return self._probed
+
+    def build(self) -> Heartbeat:
+        """This worker's heartbeat: measured now, with the latest probe result."""
+        probed = self._probed
         capabilities = self.capabilities(probed)
         statuses: dict[str, ServiceStatus] = {
             s: "healthy" if probed.services_status.get(s) else "unhealthy" for s in capabilities
@@ -107,10 +115,12 @@ class HeartbeatSender:
         return heartbeat
 
     def start(self) -> None:
-        """Beat now, then every ``HEARTBEAT_INTERVAL_S`` on a daemon thread."""
+        """Beat now, then every ``HEARTBEAT_INTERVAL_S``; probe at the same interval."""
         self.beat()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._thread.start()
+        for target, name in ((self._beat_loop, "heartbeat"), (self._probe_loop, "probes")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def wake(self) -> None:
         """Beat as soon as possible (after a model was loaded, for instance)."""
@@ -120,8 +130,8 @@ class HeartbeatSender:
         """Stop beating and, on a clean shutdown, leave the registry at once."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.settings.probe_timeout_s * 4 + 1)
+        for thread in self._threads:
+            thread.join(timeout=self.settings.probe_timeout_s * 4 + 1)
         if deregister:
             try:
                 self.registry.remove(self.settings.worker_id)
@@ -129,7 +139,7 @@ class HeartbeatSender:
                 log.warning("could not deregister %s: %s", self.settings.worker_id, exc)
         self._http.close()
 
-    def _run(self) -> None:
+    def _beat_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.settings.heartbeat_interval_s)
             self._wake.clear()
@@ -139,3 +149,12 @@ class HeartbeatSender:
                 self.beat()
             except Exception:  # the thread must outlive any one bad beat
                 log.exception("heartbeat failed")
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                before = self._probed
+                if self.refresh_probes() != before:
+                    self.wake()  # the fleet should learn of a change now, not next beat
+            except Exception:
+                log.exception("probing the model services failed")

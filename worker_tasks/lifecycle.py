@@ -61,7 +61,7 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
         queue=queue,
         active_requests=_active_requests,
     )
-    capabilities = sender.capabilities(sender.probe())
+    capabilities = sender.capabilities(sender.refresh_probes())
     queues = app.amqp.queues
     # -Q on the command line selects queues before this runs; then the operator's choice
     # stands. Celery keeps no public flag for "-Q was given", hence the private attribute.
