@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from coordinator.scoring import FACTORS
 
 Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down"]
 
@@ -24,3 +26,12 @@ class Decision(BaseModel):
     eligible: int = 0
     candidates: list[dict[str, float | str]] = Field(default_factory=list)
     reason: str | None = None
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _rows_to_dicts(cls, value: Any) -> Any:
+        # Stored as rows (see ScoreBreakdown.as_row); read back as named factors.
+        if isinstance(value, list):
+            names = ("worker_id", *FACTORS)
+            return [dict(zip(names, c, strict=True)) if isinstance(c, list) else c for c in value]
+        return value

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlsplit
 
 import redis
@@ -34,16 +34,40 @@ end
 return {beats, redis.call('HGETALL', KEYS[2])}
 """
 
-# A finished task releases its slot; never below zero, since a task sent with an explicit
-# queue= was never counted and a worker restart resets its count.
+# Add a batch of claims and keep its decisions, as one command. ARGV: keep, the number of
+# workers n, then n (worker, count) pairs, then the decisions. Returns the new counts.
+_CLAIM_LUA: Final = """
+local keep = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local counts = {}
+for i = 0, n - 1 do
+  local worker = ARGV[3 + 2 * i]
+  local count = redis.call('HINCRBY', KEYS[1], worker, tonumber(ARGV[4 + 2 * i]))
+  if count == 0 then
+    redis.call('HDEL', KEYS[1], worker)
+  end
+  counts[#counts + 1] = worker
+  counts[#counts + 1] = count
+end
+if keep > 0 and #ARGV > 2 + 2 * n then
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, 3 + 2 * n))
+  redis.call('LTRIM', KEYS[2], 0, keep - 1)
+end
+return counts
+"""
+
+# A finished task releases its claim. A count at zero is deleted to keep the hash small; it
+# may dip below zero while the claim is still buffered in its publisher.
 _RELEASE_LUA: Final = """
 local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if left <= 0 then
+if left == 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  return 0
 end
 return left
 """
+
+
+MAX_DECISIONS_PER_WRITE: Final = 1000
 
 
 def redis_client(url: str, timeout_s: float) -> redis.Redis:
@@ -98,6 +122,7 @@ class Registry:
     def __post_init__(self) -> None:
         self._snapshot_script = self.client.register_script(_SNAPSHOT_LUA)
         self._release_script = self.client.register_script(_RELEASE_LUA)
+        self._claim_script = self.client.register_script(_CLAIM_LUA)
 
     def publish(self, heartbeat: Heartbeat) -> None:
         """Write one heartbeat; it disappears by itself ``ttl_s`` after the last write."""
@@ -136,35 +161,30 @@ class Registry:
         """Every live, well-formed heartbeat."""
         return list(self.snapshot().heartbeats)
 
-    def claim(self, worker_id: str, decision: str | None, keep: int) -> dict[str, int]:
-        """Count one more task for ``worker_id``, log ``decision``; return fresh counts.
+    def claim_many(
+        self, claims: Mapping[str, int], decisions: Sequence[str], keep: int
+    ) -> dict[str, int]:
+        """Add ``claims`` to the in-flight counts and keep ``decisions``, in one command.
 
-        One round trip: the router's only Redis cost per task.
+        Returns the new count of each claimed worker.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(self.keys.inflight, worker_id, 1)
-        pipe.hgetall(self.keys.inflight)
-        if decision is not None and keep > 0:
-            pipe.lpush(self.keys.decisions, decision)
-            pipe.ltrim(self.keys.decisions, 0, keep - 1)
-        results: list[Any] = pipe.execute()
-        return {k: _int(v) for k, v in results[1].items()}
+        args: list[str | int] = [keep, len(claims)]
+        for worker_id, count in claims.items():
+            args += [worker_id, count]
+        # LPUSH puts its last argument first: oldest first in, newest first out. Lua's
+        # unpack() takes a few thousand values at most, hence the cap.
+        if keep > 0:
+            args += decisions[-min(keep, MAX_DECISIONS_PER_WRITE) :]
+        flat = self._claim_script(keys=[self.keys.inflight, self.keys.decisions], args=args)
+        return {str(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
     def release(self, worker_id: str) -> int:
-        """One task routed to ``worker_id`` finished; returns the count left."""
+        """One task claimed for ``worker_id`` finished; returns the count left."""
         return int(self._release_script(keys=[self.keys.inflight], args=[worker_id]))
 
     def reset_in_flight(self, worker_id: str) -> None:
         """Start a (re)started worker's count from zero."""
         self.client.hdel(self.keys.inflight, worker_id)
-
-    def record_decision(self, decision: str, keep: int) -> None:
-        """Keep a decision that did not claim a worker (a fallback to a shared queue)."""
-        if keep > 0:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.lpush(self.keys.decisions, decision)
-            pipe.ltrim(self.keys.decisions, 0, keep - 1)
-            pipe.execute()
 
     def recent_decisions(self, limit: int = 50) -> Sequence[str]:
         """The newest ``limit`` decisions as stored (JSON), newest first."""

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis
 
 from coordinator.catalog import detect_required_model, task_spec
-from coordinator.decisions import Decision, Outcome
+from coordinator.claims import CLAIM_HEADER, ClaimBuffer
+from coordinator.decisions import Outcome
 from coordinator.keys import Keys
 from coordinator.registry import Registry, Snapshot
 from coordinator.scoring import Candidate, ScoreBreakdown, Weights, candidates, rank_candidates
@@ -25,15 +27,26 @@ Clock = Callable[[], float]
 KEPT_CANDIDATES: Final = 5
 """Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
 
+WARN_EVERY_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one task goes, and whose in-flight count it was added to (``None``: nobody's)."""
+
+    queue: str
+    worker_id: str | None
+
 
 @dataclass
 class FleetRouter:
     """A Celery router (``task_routes = [FleetRouter(...)]``) for the model tasks.
 
-    Per decision it reuses a registry snapshot up to ``refresh_s`` old and makes one Redis
-    round trip, which both counts the task against the chosen worker and brings back every
-    worker's in-flight count: publishers in other processes see each other's assignments
-    without waiting for the next heartbeat, so a burst spreads instead of herding.
+    It scores a registry snapshot at most ``refresh_s`` old and adds each task to the
+    chosen worker's in-flight count at once in its own view, so a burst spreads over equal
+    workers instead of herding onto the one the last heartbeat favoured. The counts reach
+    Redis in batches (:class:`ClaimBuffer`), where the other publishers pick them up, and
+    the worker takes its count down when the task finishes.
 
     Redis errors never escape: the task goes to its service's shared queue and the router
     leaves Redis alone for ``retry_after_s``.
@@ -48,6 +61,7 @@ class FleetRouter:
     clock: Clock = time.monotonic
     wall_clock: Clock = time.time
 
+    claims: ClaimBuffer = field(init=False, repr=False)
     _snapshot: Snapshot | None = field(default=None, init=False, repr=False)
     _snapshot_at: float = field(default=float("-inf"), init=False, repr=False)
     _pools: dict[tuple[str, str | None], list[Candidate]] = field(
@@ -57,6 +71,9 @@ class FleetRouter:
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.claims = ClaimBuffer(self.registry, self.decisions_kept)
 
     @property
     def keys(self) -> Keys:
@@ -68,45 +85,54 @@ class FleetRouter:
         name: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
+        options: MutableMapping[str, Any],
         task: Any = None,
         **_: Any,
-    ) -> dict[str, str] | None:
+    ) -> dict[str, Any] | None:
         """Celery's router protocol: a route for model tasks, ``None`` for everything else."""
         spec = task_spec(name)
         if spec is None or options.get("queue"):
             return None  # not ours, or the caller chose a queue: theirs wins
-        model = detect_required_model(name, kwargs)
-        return {"queue": self.route(name, spec.service, model)}
+        route = self.route(name, spec.service, detect_required_model(name, kwargs))
+        result: dict[str, Any] = {"queue": route.queue}
+        if route.worker_id is not None:
+            # The caller's options win over a route's keys, headers included, so a caller's
+            # own headers get the claim added in place.
+            headers = options.get("headers")
+            if isinstance(headers, dict):
+                headers[CLAIM_HEADER] = route.worker_id
+            else:
+                result["headers"] = {CLAIM_HEADER: route.worker_id}
+        return result
 
-    def route(self, task: str, service: str, model: str | None) -> str:
+    def route(self, task: str, service: str, model: str | None) -> Route:
         """Choose the queue for one task and count it against the chosen worker."""
         now = self.clock()
         if now < self._down_until:
             return self._fallback(task, service, model, "fallback_registry_down", now)
         try:
             pool = self._pool(service, model, now)
-            ranked = rank_candidates(
-                pool,
-                weights=self.weights,
-                in_flight=self._in_flight,
-                rng=self.rng,
-                limit=KEPT_CANDIDATES,
-            )
-            if not ranked:
-                return self._fallback(task, service, model, "fallback_no_worker", now)
-            winner = ranked[0]
-            queue = next(
-                self._queue_of(c) for c in pool if c.heartbeat.worker_id == winner.worker_id
-            )
-            decision = self._decision(task, service, model, "routed", queue, ranked, len(pool))
-            self._in_flight = self.registry.claim(
-                winner.worker_id, decision.model_dump_json(), self.decisions_kept
-            )
         except redis.RedisError as exc:
             self._down_until = now + self.retry_after_s
-            self._invalidate()
             return self._fallback(task, service, model, "fallback_registry_down", now, exc)
+        ranked = rank_candidates(
+            pool,
+            weights=self.weights,
+            in_flight=self._in_flight,
+            rng=self.rng,
+            limit=KEPT_CANDIDATES,
+        )
+        if not ranked:
+            return self._fallback(task, service, model, "fallback_no_worker", now)
+        winner = ranked[0]
+        queue = next(self._queue_of(c) for c in pool if c.heartbeat.worker_id == winner.worker_id)
+        self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
+        decision = (
+            self._decision(task, service, model, "routed", queue, ranked, len(pool))
+            if self.decisions_kept > 0
+            else None
+        )
+        self.claims.add(winner.worker_id, decision)
         log.info(
             "routed %s (model %s) to %s, score %.1f, best of %d",
             task,
@@ -118,7 +144,7 @@ class FleetRouter:
         if log.isEnabledFor(logging.DEBUG):
             for score in ranked:
                 log.debug("  candidate %s", score.as_dict())
-        return queue
+        return Route(queue, winner.worker_id)
 
     def explain(self, service: str, model: str | None) -> list[ScoreBreakdown]:
         """How every eligible worker scores right now, best first; claims nothing."""
@@ -130,10 +156,7 @@ class FleetRouter:
         if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
             with self._lock:
                 if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
-                    snapshot = self.registry.snapshot()
-                    self._pools = {}
-                    self._snapshot, self._snapshot_at = snapshot, now
-                    self._in_flight = snapshot.in_flight
+                    self._refresh(now)
         key = (service, model)
         pool = self._pools.get(key)
         if pool is None:
@@ -142,9 +165,15 @@ class FleetRouter:
             self._pools[key] = pool
         return pool
 
-    def _invalidate(self) -> None:
-        with self._lock:
-            self._snapshot, self._snapshot_at, self._pools = None, float("-inf"), {}
+    def _refresh(self, now: float) -> None:
+        self.claims.flush()
+        snapshot = self.registry.snapshot()
+        # Claims still buffered (Redis refused the flush) are part of the load all the same.
+        in_flight = dict(snapshot.in_flight)
+        for worker_id, count in self.claims.pending().items():
+            in_flight[worker_id] = in_flight.get(worker_id, 0) + count
+        self._snapshot, self._snapshot_at, self._pools = snapshot, now, {}
+        self._in_flight = in_flight
 
     def _queue_of(self, c: Candidate) -> str:
         return c.heartbeat.queue or self.keys.worker_queue(c.heartbeat.worker_id)
@@ -159,18 +188,23 @@ class FleetRouter:
         ranked: Sequence[ScoreBreakdown] = (),
         eligible: int = 0,
         reason: str | None = None,
-    ) -> Decision:
-        return Decision(
-            at=self.wall_clock(),
-            task=task,
-            service=service,
-            model=model,
-            outcome=outcome,
-            queue=queue,
-            worker_id=ranked[0].worker_id if ranked else None,
-            eligible=eligible,
-            candidates=[score.as_dict() for score in ranked],
-            reason=reason,
+    ) -> str:
+        """The decision as stored: JSON of a :class:`~coordinator.decisions.Decision`,
+        built without pydantic and with breakdowns as rows, because it runs for every task."""
+        return json.dumps(
+            {
+                "at": self.wall_clock(),
+                "task": task,
+                "service": service,
+                "model": model,
+                "outcome": outcome,
+                "queue": queue,
+                "worker_id": ranked[0].worker_id if ranked else None,
+                "eligible": eligible,
+                "candidates": [score.as_row() for score in ranked],
+                "reason": reason,
+            },
+            separators=(",", ":"),
         )
 
     def _fallback(
@@ -181,7 +215,7 @@ class FleetRouter:
         outcome: Outcome,
         now: float,
         error: Exception | None = None,
-    ) -> str:
+    ) -> Route:
         queue = self.keys.service_queue(service)
         if outcome == "fallback_no_worker":
             reason = f"no live worker offers {service!r}"
@@ -189,13 +223,11 @@ class FleetRouter:
             reason = f"registry unreachable: {type(error).__name__ if error else 'backing off'}"
         # A fleet-wide outage would log this once per task; once per service per interval
         # says the same thing.
-        if now - self._last_warning.get(service + outcome, float("-inf")) >= 10.0:
+        if now - self._last_warning.get(service + outcome, float("-inf")) >= WARN_EVERY_S:
             self._last_warning[service + outcome] = now
             log.warning("%s for %s (model %s): sent to shared queue %s", reason, task, model, queue)
-        if outcome == "fallback_no_worker":
-            decision = self._decision(task, service, model, outcome, queue, reason=reason)
-            try:
-                self.registry.record_decision(decision.model_dump_json(), self.decisions_kept)
-            except redis.RedisError:
-                self._down_until = now + self.retry_after_s
-        return queue
+        if outcome == "fallback_no_worker" and self.decisions_kept > 0:
+            self.claims.add(
+                None, self._decision(task, service, model, outcome, queue, reason=reason)
+            )
+        return Route(queue, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +49,20 @@ class Weights(BaseModel):
 SEED_WEIGHTS: Final = Weights()
 
 
+FACTORS: Final = (
+    "model_loaded",
+    "specialization",
+    "tier",
+    "service_health",
+    "cpu_load",
+    "active_requests",
+    "gpu_utilization",
+    "tiebreak",
+    "total",
+)
+"""The fields of :class:`ScoreBreakdown` that are points, in display order."""
+
+
 @dataclass(frozen=True, slots=True)
 class ScoreBreakdown:
     """Each factor's points for one worker, and their sum."""
@@ -64,9 +78,28 @@ class ScoreBreakdown:
     tiebreak: float
     total: float
 
+    def as_row(self) -> list[float | str]:
+        """Compact form for storage: the worker id, then :data:`FACTORS` in order."""
+        return [
+            self.worker_id,
+            self.model_loaded,
+            self.specialization,
+            self.tier,
+            self.service_health,
+            self.cpu_load,
+            self.active_requests,
+            self.gpu_utilization,
+            self.tiebreak,
+            self.total,
+        ]
+
     def as_dict(self) -> dict[str, float | str]:
         """Plain JSON-ready form, rounded for people to read."""
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        # Built by hand: dataclasses.asdict deep-copies, and this runs on every decision.
+        out: dict[str, float | str] = {"worker_id": self.worker_id}
+        for name in FACTORS:
+            out[name] = round(getattr(self, name), 3)
+        return out
 
 
 def is_eligible(heartbeat: Heartbeat, service: str) -> bool:
@@ -94,6 +127,9 @@ class Candidate:
     cpu_load: float
     gpu_utilization: float
     base: float
+    # Copied out of the heartbeat: rank_candidates reads them for every worker per task.
+    worker_id: str
+    active_requests: int
 
 
 def candidate(
@@ -109,7 +145,13 @@ def candidate(
         -weights.cpu_load * heartbeat.current_load,
         -weights.gpu_utilization * gpu / 100.0 if gpu is not None else 0.0,
     )
-    return Candidate(heartbeat, *parts, base=sum(parts))
+    return Candidate(
+        heartbeat,
+        *parts,
+        base=sum(parts),
+        worker_id=heartbeat.worker_id,
+        active_requests=heartbeat.active_requests,
+    )
 
 
 def candidates(
@@ -125,7 +167,7 @@ def candidates(
 def _breakdown(c: Candidate, active: int, tiebreak: float, weights: Weights) -> ScoreBreakdown:
     penalty = -weights.active_request * active
     return ScoreBreakdown(
-        worker_id=c.heartbeat.worker_id,
+        worker_id=c.worker_id,
         model_loaded=c.model_loaded,
         specialization=c.specialization,
         tier=c.tier,
@@ -171,17 +213,31 @@ def rank_candidates(
 
     This is the router's hot path: a flat loop, and breakdowns only for what is returned.
     """
-    flight = in_flight or {}
-    n = len(pool)
-    ties = [rng.random() * weights.tiebreak for _ in range(n)] if rng else [0.0] * n
-    actives = [max(c.heartbeat.active_requests, flight.get(c.heartbeat.worker_id, 0)) for c in pool]
-    w_active = weights.active_request
-    totals = [c.base - w_active * a + t for c, a, t in zip(pool, actives, ties, strict=True)]
+    get = (in_flight or {}).get
+    w_active, tiebreak = weights.active_request, weights.tiebreak
+    rand = rng.random if rng is not None else _zero
+    # One flat pass; 'f if f > a else a' is max() without the call, which matters here.
+    totals = [
+        c.base
+        - w_active * (f if (f := get(c.worker_id, 0)) > c.active_requests else c.active_requests)
+        + rand() * tiebreak
+        for c in pool
+    ]
+    n = len(totals)
     if limit is None:
         order = sorted(range(n), key=totals.__getitem__, reverse=True)
     else:
         order = heapq.nlargest(limit, range(n), key=totals.__getitem__)
-    return [_breakdown(pool[i], actives[i], ties[i], weights) for i in order]
+    ranked = []
+    for i in order:
+        c = pool[i]
+        active = max(c.active_requests, get(c.worker_id, 0))
+        ranked.append(_breakdown(c, active, totals[i] - (c.base - w_active * active), weights))
+    return ranked
+
+
+def _zero() -> float:
+    return 0.0
 
 
 def rank_workers(

@@ -56,7 +56,9 @@ def fleet(
     return Fleet(ocr_gpu, vllm_gpu, cpu, servers=servers)
 
 
-def test_each_task_runs_on_the_worker_that_has_its_model(app: FleetApp, fleet: Fleet) -> None:
+def test_each_task_runs_on_the_worker_that_has_its_model(
+    app: FleetApp, fleet: Fleet, registry: Registry
+) -> None:
     ocr_result = ocr.apply_async(args=(IMAGE,))
     gen_result = generate.apply_async(args=("hello",), kwargs={"model": "llama3.2"})
     embed_result = embed.apply_async(args=(["a", "b"],))
@@ -76,6 +78,10 @@ def test_each_task_runs_on_the_worker_that_has_its_model(app: FleetApp, fleet: F
     vectors = embed_result.get(timeout=RESULT_TIMEOUT_S)
     assert len(vectors["embeddings"]) == 2
     assert vectors["worker_id"] in {"ocr-gpu", "vllm-gpu", "cpu"}
+
+    # Each worker released exactly what the router counted against it.
+    app.router.claims.flush()
+    wait_for(lambda: registry.snapshot().in_flight == {}, 10.0, "in-flight counts to drain")
 
 
 def test_groups_and_chain_links_are_routed_too(app: FleetApp, fleet: Fleet) -> None:

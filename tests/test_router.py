@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from coordinator.decisions import Decision
 from coordinator.heartbeat import Heartbeat
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
@@ -26,6 +27,12 @@ ALL = ["vllm", "ocr", "embeddings"]
 def queued_task_names(conn: redis.Redis, queue: str) -> list[str]:
     """Task names of the messages waiting in ``queue`` (a Redis list under Celery)."""
     return [json.loads(raw)["headers"]["task"] for raw in conn.lrange(queue, 0, -1)]
+
+
+def flushed_decisions(app: FleetApp) -> list[str]:
+    """The router's decisions, newest first, once its buffered writes are flushed."""
+    app.router.claims.flush()
+    return list(app.registry.recent_decisions(10))
 
 
 def send(app: FleetApp, name: str, *args: Any, **options: Any) -> None:
@@ -64,7 +71,7 @@ def test_scenario_1_ocr_goes_to_the_ocr_specialist(
     send(app, OCR, "aGVsbG8=")
     assert queued_task_names(redis_conn, settings.keys.worker_queue("gpu-1")) == [OCR]
     assert redis_conn.llen(settings.keys.worker_queue("gpu-2")) == 0
-    decision = json.loads(app.registry.recent_decisions(1)[0])
+    decision = Decision.model_validate_json(flushed_decisions(app)[0]).model_dump()
     assert decision["worker_id"] == "gpu-1"
     assert decision["outcome"] == "routed"
     best, runner_up = decision["candidates"]
@@ -97,10 +104,8 @@ def test_scenario_2_the_less_loaded_worker_wins(
     )
     send(app, GENERATE, "hi", kwargs={"model": "llama3.2"})
     assert redis_conn.llen(settings.keys.worker_queue("gpu-2")) == 1
-    totals = {
-        c["worker_id"]: c["total"]
-        for c in json.loads(registry.recent_decisions(1)[0])["candidates"]
-    }
+    decision = Decision.model_validate_json(flushed_decisions(app)[0])
+    totals = {c["worker_id"]: c["total"] for c in decision.candidates}
     assert totals["gpu-1"] == pytest.approx(78, abs=5)
     assert totals["gpu-2"] == pytest.approx(116, abs=5)
 
@@ -139,7 +144,7 @@ def test_no_capable_worker_falls_back_to_the_service_queue(
         send(app, EMBED, ["text"])
     assert queued_task_names(redis_conn, settings.keys.service_queue("embeddings")) == [EMBED]
     assert any("no live worker offers 'embeddings'" in r.getMessage() for r in caplog.records)
-    decision = json.loads(registry.recent_decisions(1)[0])
+    decision = Decision.model_validate_json(flushed_decisions(app)[0]).model_dump()
     assert decision["outcome"] == "fallback_no_worker"
     assert decision["queue"] == settings.keys.service_queue("embeddings")
 

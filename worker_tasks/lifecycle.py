@@ -9,6 +9,7 @@ from typing import Any
 from celery import Task, signals
 from celery.worker import state
 
+from coordinator.claims import CLAIM_HEADER
 from coordinator.errors import ConfigError
 from coordinator.settings import WorkerSettings, load_settings
 from worker_tasks import system
@@ -111,8 +112,9 @@ def install(app: FleetApp) -> None:
         if task is None or task.app is not app:
             return
         runtime = app.runtime
-        delivery = task.request.delivery_info or {}
-        if runtime is not None and delivery.get("routing_key") == runtime.queue:
+        # Only tasks the router counted against this worker are released here.
+        claimed_by = getattr(task.request, CLAIM_HEADER, None)
+        if runtime is not None and claimed_by == runtime.settings.worker_id:
             try:
                 app.registry.release(runtime.settings.worker_id)
             except Exception as exc:  # a lost release costs balance, never the task

@@ -17,6 +17,7 @@ import httpx
 from celery import Task, shared_task
 
 from coordinator.catalog import EMBED, GENERATE, OCR, TASKS, detect_required_model, task_spec
+from coordinator.claims import CLAIM_HEADER
 from coordinator.errors import ServiceUnavailableError, TaskInputError
 from coordinator.settings import WorkerSettings, load_settings
 from worker_tasks import model_client
@@ -51,7 +52,13 @@ class ModelTask(Task[Any, Any]):
         if spec is not None and "queue" not in options and isinstance(self.app, FleetApp):
             call_kwargs = kwargs if kwargs is not None else self.request.kwargs
             model = detect_required_model(self.name, call_kwargs)
-            options["queue"] = self.app.router.route(self.name, spec.service, model)
+            route = self.app.router.route(self.name, spec.service, model)
+            # The retry is a new claim: this attempt's claim is released when it ends.
+            headers = dict(self.request.headers or {})
+            headers.pop(CLAIM_HEADER, None)
+            if route.worker_id is not None:
+                headers[CLAIM_HEADER] = route.worker_id
+            options.update(queue=route.queue, headers=headers)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def worker_settings(self) -> WorkerSettings:

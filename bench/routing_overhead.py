@@ -1,0 +1,175 @@
+"""What the fleet router costs a publisher: plain Celery against routed publishing.
+
+Publishes ``--tasks`` model tasks with plain Celery to one fixed queue, then the same tasks
+through the router with 10 and with 100 synthetic live workers registered (nobody consumes
+them). Same process, same Redis, same producer; the configurations alternate over
+``--rounds`` rounds. Prints the median publish rates, their ratio, and the router's own time
+per decision (``FleetRouter.route`` called directly: wall and CPU, its batched Redis writes
+included). Results are ignored in both paths so only publishing is timed.
+
+    .venv/bin/python -m bench.routing_overhead [--tasks 10000] [--rounds 3] [--workers 10,100]
+
+Only keys under a fresh ``bench-<hex>`` namespace are written, and all are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+import uuid
+from typing import Any, Final
+
+import worker_tasks.tasks  # noqa: F401  (registers the model tasks with every app)
+from coordinator.catalog import EMBED, GENERATE, OCR
+from coordinator.heartbeat import Heartbeat
+from coordinator.settings import CoordinatorSettings
+from worker_tasks.app import FleetApp, create_app
+
+RATIO_TARGET: Final = 0.85
+CPU_TARGET_US: Final = 100.0
+SERVICES: Final = ("vllm", "ocr", "embeddings")
+MODELS: Final = ("llama3.2", "qwen2.5", "mistral", "llama-vision", "nomic-embed-text")
+WORKLOAD: Final = (
+    (GENERATE, ("hi",), "llama3.2"),
+    (GENERATE, ("hi",), "qwen2.5"),
+    (OCR, ("aGk=",), "llama-vision"),
+    (EMBED, ("hi",), "nomic-embed-text"),
+)
+
+
+def heartbeat(index: int) -> Heartbeat:
+    """A varied, reproducible live worker that offers every service."""
+    rng = random.Random(index)
+    tier = 1 + index % 3
+    return Heartbeat(
+        worker_id=f"bench-w{index:03d}",
+        current_load=round(rng.random(), 3),
+        gpu_utilization=round(rng.uniform(0, 100), 1) if tier == 1 else None,
+        active_requests=rng.randint(0, 4),
+        loaded_models=tuple(rng.sample(MODELS, k=rng.randint(1, 3))),
+        specialization=rng.choice((*SERVICES, None)),
+        services_status=dict.fromkeys(SERVICES, "healthy"),
+        tier=tier,
+        capabilities=SERVICES,
+    )
+
+
+def set_fleet(app: FleetApp, size: int) -> None:
+    """Exactly ``size`` live workers, no in-flight counts, and a router that sees them now."""
+    registry = app.registry
+    for hb in registry.live_workers():
+        registry.remove(hb.worker_id)
+    for index in range(size):
+        registry.publish(heartbeat(index))
+    app.router.claims.flush()
+    registry.client.delete(registry.keys.inflight)
+    app.router.refresh_s = 0.0
+    app.router.route(GENERATE, "vllm", "llama3.2")  # takes a fresh snapshot
+    app.router.refresh_s = 1.0
+
+
+def publish(app: FleetApp, tasks: int, queue: str | None) -> float:
+    """Publish ``tasks`` tasks; returns tasks per second."""
+    options: dict[str, Any] = {"ignore_result": True}
+    if queue is not None:
+        options["queue"] = queue
+    jobs = [WORKLOAD[i % len(WORKLOAD)] for i in range(tasks)]
+    with app.producer_or_acquire() as producer:
+        started = time.perf_counter()
+        for name, args, model in jobs:
+            app.tasks[name].apply_async(args, {"model": model}, producer=producer, **options)
+        app.router.claims.flush()
+        return tasks / (time.perf_counter() - started)
+
+
+def decision_cost_us(app: FleetApp, decisions: int) -> tuple[float, float]:
+    """Wall and CPU microseconds per ``FleetRouter.route`` call, batched writes included."""
+    router = app.router
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(decisions):
+        name, _, model = WORKLOAD[i % len(WORKLOAD)]
+        router.route(name, SERVICES[i % 3], model)
+    router.claims.flush()
+    return (
+        1e6 * (time.perf_counter() - wall) / decisions,
+        1e6 * (time.process_time() - cpu) / decisions,
+    )
+
+
+def clear(app: FleetApp, namespace: str) -> None:
+    """Drop published messages and counts between loops, so Redis memory stays flat."""
+    client = app.registry.client
+    for key in client.scan_iter(match=f"{namespace}.*", count=1000):
+        client.unlink(key)
+    client.delete(app.registry.keys.inflight, app.registry.keys.decisions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", default="10,100", help="fleet sizes, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.workers.split(",")]
+
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    app = create_app(CoordinatorSettings(redis_url=args.redis_url, namespace=namespace))
+    fixed = f"{namespace}.fixed"
+    rates: dict[int, list[float]] = {size: [] for size in [0, *sizes]}
+    costs: dict[int, list[tuple[float, float]]] = {size: [] for size in sizes}
+    try:
+        set_fleet(app, max(sizes))
+        publish(app, 500, fixed)  # warm up connections and code paths
+        publish(app, 500, None)
+        clear(app, namespace)
+        for round_ in range(args.rounds):
+            order = [0, *sizes]
+            order = order[round_ % len(order) :] + order[: round_ % len(order)]
+            for size in order:
+                if size:
+                    set_fleet(app, size)
+                rates[size].append(publish(app, args.tasks, None if size else fixed))
+                clear(app, namespace)
+                if size:
+                    costs[size].append(decision_cost_us(app, args.tasks))
+                    clear(app, namespace)
+                print(f"round {round_ + 1}: {size or 'plain'} {rates[size][-1]:.0f} tasks/s")
+    finally:
+        client = app.registry.client
+        deleted = sum(client.unlink(k) for k in client.scan_iter(match=f"*{namespace}*"))
+        app.close()
+
+    plain = statistics.median(rates[0])
+    print(f"\n{args.tasks} tasks x {args.rounds} rounds, {args.redis_url}; medians")
+    print(
+        f"{'configuration':<24}{'tasks/s':>9}{'ratio':>8}{'route wall µs':>15}{'route CPU µs':>14}"
+    )
+    print(f"{'plain Celery, one queue':<24}{plain:>9.0f}{1.0:>8.3f}")
+    for size in sizes:
+        rate = statistics.median(rates[size])
+        wall = statistics.median(c[0] for c in costs[size])
+        cpu = statistics.median(c[1] for c in costs[size])
+        label = f"router, {size} workers"
+        print(f"{label:<24}{rate:>9.0f}{rate / plain:>8.3f}{wall:>15.1f}{cpu:>14.1f}")
+    largest = max(sizes)
+    worst_ratio = min(statistics.median(rates[s]) for s in sizes) / plain
+    cpu_largest = statistics.median(c[1] for c in costs[largest])
+    print(
+        f"\ntarget ratio >= {RATIO_TARGET}: {worst_ratio:.3f} "
+        f"({'met' if worst_ratio >= RATIO_TARGET else 'missed'})"
+    )
+    print(
+        f"target CPU per decision at {largest} workers < {CPU_TARGET_US:.0f} µs: "
+        f"{cpu_largest:.1f} ({'met' if cpu_largest < CPU_TARGET_US else 'missed'})"
+    )
+    print(f"cleaned up {deleted} keys under {namespace}")
+
+
+if __name__ == "__main__":
+    main()

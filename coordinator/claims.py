@@ -1,0 +1,118 @@
+"""Batched in-flight claims: the router counts tasks locally and writes them in bulk.
+
+A Redis round trip per task would cost a publisher a third of its rate on a slow host, so
+claims (and the decisions kept for operators) are buffered and written in one command when
+``max_batch`` accumulate, ``flush_s`` after the first one (a timer thread takes the tail of
+a burst), and at exit. Other publishers see them at their next registry snapshot, which
+they take every ``REGISTRY_REFRESH_S`` anyway.
+
+A worker may release a task before its claim is written: the count then dips below zero
+for a moment and is whole again when the claim lands, because every claim is written and
+every released task carried a claim (the router marks claimed messages with a header).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis
+
+from coordinator.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CLAIM_HEADER: Final = "aiq_claimed_by"
+"""Message header naming the worker whose in-flight count a routed task was added to."""
+
+MAX_UNWRITTEN_DECISIONS: Final = 10_000
+
+
+@dataclass
+class ClaimBuffer:
+    """Claims and decisions waiting to be written to the registry."""
+
+    registry: Registry
+    decisions_kept: int = 1000
+    flush_s: float = 0.05
+    max_batch: int = 256
+    clock: Callable[[], float] = time.monotonic
+
+    _claims: dict[str, int] = field(default_factory=dict, init=False)
+    _decisions: list[str] = field(default_factory=list, init=False)
+    _first_at: float | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _timer: threading.Timer | None = field(default=None, init=False)
+    _timer_pid: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        atexit.register(self.flush)
+
+    def add(self, worker_id: str | None, decision: str | None) -> None:
+        """Count one task against ``worker_id`` (if any) and keep ``decision``; written soon."""
+        with self._lock:
+            if worker_id is not None:
+                self._claims[worker_id] = self._claims.get(worker_id, 0) + 1
+            if decision is not None and self.decisions_kept > 0:
+                self._decisions.append(decision)
+                del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
+            if self._first_at is None:
+                self._first_at = self.clock()
+            due = len(self._decisions) + sum(self._claims.values()) >= self.max_batch
+        if due:
+            self.flush()
+        else:
+            self._arm_timer()
+
+    def pending(self) -> dict[str, int]:
+        """Claims not written yet, per worker."""
+        with self._lock:
+            return dict(self._claims)
+
+    def flush(self) -> dict[str, int] | None:
+        """Write everything buffered in one command; returns the written workers' counts.
+
+        On a Redis error the claims stay buffered for the next flush; ``None`` is returned.
+        """
+        with self._lock:
+            claims, decisions = self._claims, self._decisions
+            self._claims, self._decisions, self._first_at = {}, [], None
+        if not claims and not decisions:
+            return {}
+        try:
+            return self.registry.claim_many(claims, decisions, self.decisions_kept)
+        except redis.RedisError as exc:
+            log.warning("in-flight claims not written, kept for later: %s", exc)
+            with self._lock:
+                for worker_id, count in claims.items():
+                    self._claims[worker_id] = self._claims.get(worker_id, 0) + count
+                self._decisions[:0] = decisions
+                del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
+                self._first_at = self._first_at or self.clock()
+            return None
+
+    def _arm_timer(self) -> None:
+        # Timers do not survive fork: a forked publisher (a prefork pool child routing
+        # chord bodies) arms its own.
+        pid = os.getpid()
+        timer = self._timer
+        if timer is not None and self._timer_pid == pid and timer.is_alive():
+            return
+        timer = threading.Timer(self.flush_s, self._on_timer)
+        timer.daemon = True
+        self._timer, self._timer_pid = timer, pid
+        timer.start()
+
+    def _on_timer(self) -> None:
+        self.flush()
+        with self._lock:
+            left = bool(self._claims or self._decisions)
+        if left:  # Redis was away: try again later
+            self._timer = None
+            self._arm_timer()
