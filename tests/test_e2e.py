@@ -161,7 +161,7 @@ def test_operator_queues_given_with_dash_q_win(
     only = f"{settings.namespace}.hand-picked"
     worker = start_worker("picky", tier="cpu", server=fake_server("p", ["x"]), args=["-Q", only])
     log = worker.log()
-    assert f"consumes {only}\n" in log
+    assert f") consumes {only}\n" in log
     assert settings.keys.worker_queue("picky") in log  # the warning names the unconsumed queue
 
 
@@ -200,3 +200,28 @@ def test_a_model_service_error_fails_the_task_with_its_reason(
     result = generate.apply_async(args=("hi",), kwargs={"model": "no-such-model"})
     with pytest.raises(ServiceError, match="no-such-model"):
         result.get(timeout=RESULT_TIMEOUT_S)
+
+
+def test_a_transient_service_failure_is_retried_on_another_worker(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., FakeModelServer],
+    registry: Registry,
+) -> None:
+    failing = fake_server("failing", ["llama3.2"], ["llama3.2"])
+    healthy = fake_server("healthy", ["llama3.2"])
+    start_worker("first-choice", tier="gpu", specialization="vllm", server=failing)
+    start_worker("fallback", tier="cpu", server=healthy)
+    failing.set_fault(fail_with=503)
+    # The first attempt is sent to the failing worker by hand; the retries are routed.
+    first_queue = registry.keys.worker_queue("first-choice")
+    result = generate.apply_async(
+        args=("retry me",), kwargs={"model": "llama3.2"}, queue=first_queue
+    )
+    answer = result.get(timeout=RESULT_TIMEOUT_S)
+    assert answer["worker_id"] == "fallback"
+    assert answer["response"] == "[healthy] llama3.2: retry me"
+    assert failing.request_count("POST", "/api/generate") >= 1
+    # The explicit first send was never counted; the retry's claim was released.
+    app.router.claims.flush()
+    wait_for(lambda: registry.snapshot().in_flight == {}, 10.0, "in-flight counts to drain")

@@ -11,6 +11,7 @@ from celery.worker import state
 
 from coordinator.claims import CLAIM_HEADER
 from coordinator.errors import ConfigError
+from coordinator.registry import redact_url
 from coordinator.settings import WorkerSettings, load_settings
 from worker_tasks import system
 from worker_tasks.app import FleetApp
@@ -71,11 +72,12 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
     elif queue not in queues.consume_from:
         log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
     log.info(
-        "worker %s (tier %s, specialization %s, capabilities %s) consumes %s",
+        "worker %s (tier %s, specialization %s, capabilities %s, registry %s) consumes %s",
         settings.worker_id,
         tier,
         settings.worker_specialization,
         ",".join(capabilities) or "none",
+        redact_url(app.settings.registry_redis_url),
         ",".join(sorted(queues.consume_from)),
     )
     runtime = WorkerRuntime(settings=settings, queue=queue, heartbeat=sender)
