@@ -213,7 +213,16 @@ def test_a_transient_service_failure_is_retried_on_another_worker(
     start_worker("first-choice", tier="gpu", specialization="vllm", server=failing)
     start_worker("fallback", tier="cpu", server=healthy)
     failing.set_fault(fail_with=503)
-    # The first attempt is sent to the failing worker by hand; the retries are routed.
+    wait_for(
+        lambda: any(
+            hb.worker_id == "first-choice" and hb.services_status.get("vllm") == "unhealthy"
+            for hb in registry.live_workers()
+        ),
+        10.0,
+        "the failing service to be reported unhealthy",
+    )
+    # The first attempt is sent to the failing worker by hand; the retries are routed, and
+    # the router, seeing that worker's service unhealthy, sends them elsewhere.
     first_queue = registry.keys.worker_queue("first-choice")
     result = generate.apply_async(
         args=("retry me",), kwargs={"model": "llama3.2"}, queue=first_queue
