@@ -42,3 +42,7 @@ class ServiceUnavailableError(ServiceError):
 
 class TaskInputError(CoordinatorError):
     """A task was called with arguments it cannot use."""
+
+
+class JobError(CoordinatorError):
+    """A broadcast job that cannot be sent: unknown type, invalid data, no recipient."""

@@ -28,6 +28,8 @@ queue                               consumed by
 ``{ns}.service.{service}``          every worker with the capability; the fallback
                                     when no live worker can take a task
 ``{ns}.default``                    every worker; tasks that are not model tasks
+``{ns}.control`` (fanout exchange)  every worker subscribed at the time; control
+                                    messages without results (PUB/SUB on Redis)
 ==================================  ===============================================
 
 The registry keys share the hash tag ``{ns}`` so the registry's Lua script also works on
@@ -80,6 +82,11 @@ class Keys:
     def service_queue(self, service: str) -> str:
         """The shared fallback queue of every worker that offers ``service``."""
         return f"{self.namespace}.service.{service}"
+
+    @property
+    def control_exchange(self) -> str:
+        """The fanout exchange of fleet-wide control messages."""
+        return f"{self.namespace}.control"
 
     @property
     def default_queue(self) -> str:

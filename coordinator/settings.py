@@ -34,6 +34,7 @@ class CoordinatorSettings(BaseSettings):
     registry_refresh_s: float = Field(default=1.0, ge=0.0)
     redis_timeout_s: float = Field(default=1.0, gt=0.0)
     decisions_kept: int = Field(default=1000, ge=0)
+    chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
 
     @model_validator(mode="after")
     def _ttl_outlives_interval(self) -> Self:
@@ -80,6 +81,18 @@ class WorkerSettings(CoordinatorSettings):
     ocr_url: str = "http://localhost:8001"
     probe_timeout_s: float = Field(default=2.0, gt=0.0)
     model_timeout_s: float = Field(default=300.0, gt=0.0)
+    enable_chromadb: bool = Field(default=False, description="serve ChromaDB (storage tier)")
+    chromadb_path: str = Field(default="./chroma-data", min_length=1)
+    chromadb_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - served to the fleet
+    chromadb_port: int = Field(default=8000, ge=1, le=65535)
+
+    @property
+    def served_chromadb_url(self) -> str | None:
+        """Where this worker's own ChromaDB answers, when it serves one."""
+        if not self.enable_chromadb:
+            return None
+        host = "127.0.0.1" if self.chromadb_host in ("0.0.0.0", "::") else self.chromadb_host  # noqa: S104
+        return f"http://{host}:{self.chromadb_port}"
 
     @field_validator("worker_capabilities", mode="before")
     @classmethod

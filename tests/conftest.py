@@ -242,3 +242,16 @@ def wait_for_worker(registry: Registry, worker: WorkerProcess, timeout_s: float 
             return
         time.sleep(0.1)
     pytest.fail(f"worker {worker.worker_id} never registered:\n{worker.log()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ChromaDB server (``chroma run``) on loopback, for the whole session."""
+    from worker_tasks.chroma_server import ChromaServer
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = ChromaServer(str(tmp_path_factory.mktemp("chroma")), "127.0.0.1", port, url)
+    server.start()
+    yield url
+    server.stop()

@@ -63,7 +63,7 @@ def create_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> 
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        imports=("worker_tasks.tasks",),
+        imports=("worker_tasks.tasks", "worker_tasks.jobs"),
     )
     from worker_tasks.lifecycle import install
 

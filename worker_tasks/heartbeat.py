@@ -54,6 +54,7 @@ class HeartbeatSender:
             ollama_url=self.settings.ollama_url,
             embeddings_url=self.settings.embeddings_url,
             ocr_url=self.settings.ocr_url,
+            chromadb_url=self.settings.served_chromadb_url,
         )
 
     def capabilities(self, probed: ProbeResult) -> tuple[str, ...]:
@@ -66,6 +67,10 @@ class HeartbeatSender:
             return tuple(self.settings.worker_capabilities)
         self._known.update(s for s, ok in probed.services_status.items() if ok)
         return tuple(sorted(self._known))
+
+    def latest_probe(self) -> ProbeResult:
+        """What the last probe found."""
+        return self._probed
 
     def refresh_probes(self) -> ProbeResult:
         """Probe now and use the result from the next heartbeat on."""

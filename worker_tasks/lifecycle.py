@@ -9,12 +9,14 @@ from typing import Any
 from celery import Task, signals
 from celery.worker import state
 
+from coordinator.broadcast import control_queue
 from coordinator.claims import CLAIM_HEADER
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, ServiceError
 from coordinator.registry import redact_url
 from coordinator.settings import WorkerSettings, load_settings
 from worker_tasks import system
 from worker_tasks.app import FleetApp
+from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat import HeartbeatSender
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class WorkerRuntime:
     settings: WorkerSettings
     queue: str
     heartbeat: HeartbeatSender
+    chroma: ChromaServer | None = None
 
 
 def _active_requests() -> int:
@@ -55,6 +58,18 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
     # httpx logs every probe at INFO: one line per service per heartbeat is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     tier = settings.worker_tier or system.detect_tier()
+    chroma = None
+    if settings.served_chromadb_url is not None:
+        chroma = ChromaServer(
+            settings.chromadb_path,
+            settings.chromadb_host,
+            settings.chromadb_port,
+            settings.served_chromadb_url,
+        )
+        try:
+            chroma.start()
+        except ServiceError as exc:
+            raise SystemExit(f"worker cannot start: {exc}") from None
     queue = app.settings.keys.worker_queue(settings.worker_id)
     sender = HeartbeatSender(
         settings=settings,
@@ -71,6 +86,8 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
         queues.select(_own_queues(app, settings, capabilities))
     elif queue not in queues.consume_from:
         log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
+    # Control messages reach every worker, whatever -Q says.
+    queues.select_add(control_queue(app.settings.keys))
     log.info(
         "worker %s (tier %s, specialization %s, capabilities %s, registry %s) consumes %s",
         settings.worker_id,
@@ -80,7 +97,7 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
         redact_url(app.settings.registry_redis_url),
         ",".join(sorted(queues.consume_from)),
     )
-    runtime = WorkerRuntime(settings=settings, queue=queue, heartbeat=sender)
+    runtime = WorkerRuntime(settings=settings, queue=queue, heartbeat=sender, chroma=chroma)
     app.runtime = runtime
     return runtime
 
@@ -105,6 +122,8 @@ def install(app: FleetApp) -> None:
         runtime, app.runtime = app.runtime, None
         if runtime is not None:
             runtime.heartbeat.stop(deregister=True)
+            if runtime.chroma is not None:
+                runtime.chroma.stop()
 
     @signals.task_postrun.connect(weak=False)
     def _postrun(

@@ -9,9 +9,26 @@ import httpx
 from coordinator.errors import ServiceError, ServiceUnavailableError
 
 
-def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:
+def get_json(client: httpx.Client, url: str) -> dict[str, Any]:
+    """``GET url`` and its JSON object; errors as for :func:`post_json`."""
+    return _request(client, "GET", url, None)
+
+
+def post_json(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST url`` with a JSON body and return the JSON object answered.
+
+    Raises:
+        ServiceUnavailableError: connection refused, timeout, HTTP 5xx or 429 (may pass).
+        ServiceError: any other HTTP error, or an answer that is not a JSON object.
+    """
+    return _request(client, "POST", url, body)
+
+
+def _request(
+    client: httpx.Client, method: str, url: str, body: dict[str, Any] | None
+) -> dict[str, Any]:
     try:
-        response = client.post(url, json=body)
+        response = client.request(method, url, json=body)
     except httpx.TimeoutException as exc:
         raise ServiceUnavailableError(url, f"timed out: {exc}") from None
     except httpx.HTTPError as exc:
@@ -50,7 +67,7 @@ def generate(
         body["images"] = images
     if options:
         body["options"] = options
-    payload = _post(client, f"{base_url.rstrip('/')}/api/generate", body)
+    payload = post_json(client, f"{base_url.rstrip('/')}/api/generate", body)
     if not isinstance(payload.get("response"), str):
         raise ServiceError(base_url, f"no 'response' text in {sorted(payload)!r}")
     return payload
@@ -60,7 +77,9 @@ def embed(
     client: httpx.Client, base_url: str, *, model: str, texts: list[str]
 ) -> list[list[float]]:
     """``POST /api/embed``: one vector per text, in order."""
-    payload = _post(client, f"{base_url.rstrip('/')}/api/embed", {"model": model, "input": texts})
+    payload = post_json(
+        client, f"{base_url.rstrip('/')}/api/embed", {"model": model, "input": texts}
+    )
     vectors = payload.get("embeddings")
     if not isinstance(vectors, list) or len(vectors) != len(texts):
         got = len(vectors) if isinstance(vectors, list) else vectors

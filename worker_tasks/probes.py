@@ -84,12 +84,27 @@ def probe_health(client: httpx.Client, url: str) -> HealthState:
     return HealthState(True, tuple(normalize_model(m) for m in models if m))
 
 
+def probe_chromadb(client: httpx.Client, url: str) -> bool:
+    """Whether the ChromaDB server at ``url`` answers its heartbeat."""
+    try:
+        client.get(f"{url}/api/v2/heartbeat").raise_for_status()
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def probe_services(
-    client: httpx.Client, *, ollama_url: str, embeddings_url: str, ocr_url: str
+    client: httpx.Client,
+    *,
+    ollama_url: str,
+    embeddings_url: str,
+    ocr_url: str,
+    chromadb_url: str | None = None,
 ) -> ProbeResult:
     """Probe every service; a URL equal to Ollama's is served by that same Ollama.
 
-    ``services_status`` maps each service of the catalogue to whether it answered.
+    ``services_status`` maps each service of the catalogue (and ``chromadb`` when this
+    worker serves it) to whether it answered.
     """
     ollama = probe_ollama(client, ollama_url)
     if not ollama.healthy:
@@ -105,4 +120,6 @@ def probe_services(
             log.debug("%s at %s: %s", service, url, state.error)
         found[service] = state.healthy
         models.extend(state.models)
+    if chromadb_url is not None:
+        found["chromadb"] = probe_chromadb(client, chromadb_url)
     return ProbeResult(found, tuple(dict.fromkeys(models)), ollama.in_memory)
