@@ -28,6 +28,7 @@ from coordinator.errors import JobError
 from coordinator.heartbeat import TIER_CPU, Heartbeat
 from coordinator.jobs import JobType, job_type
 from coordinator.keys import Keys
+from coordinator.metrics import record_broadcast
 from coordinator.scoring import ROUTABLE_STATUSES
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class BroadcastHandle:
             result = BroadcastResult.model_validate(self.body.result)
         else:
             result = gather(self.job, self.broadcast_id, self._partial())
-        _refresh_fleet(self.app)
+        _after(self.app, result)
         return result
 
     def _partial(self) -> list[WorkerOutcome]:
@@ -266,12 +267,13 @@ def send_control(app: FleetApp, command: str) -> None:
     )
 
 
-def _refresh_fleet(app: FleetApp) -> None:
+def _after(app: FleetApp, result: BroadcastResult) -> None:
     # Jobs change what workers have loaded; the router should not wait a heartbeat to know.
     try:
         send_control(app, "refresh")
+        record_broadcast(app.registry, result)
     except Exception as exc:  # best effort: the next heartbeat brings the same news
-        log.warning("could not send the refresh control message: %s", exc)
+        log.warning("could not refresh the fleet or count the broadcast: %s", exc)
 
 
 def _default_app() -> FleetApp:

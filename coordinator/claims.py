@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,6 +46,7 @@ class ClaimBuffer:
 
     _claims: dict[str, int] = field(default_factory=dict, init=False)
     _decisions: list[str] = field(default_factory=list, init=False)
+    _counters: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
     _first_at: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _timer: threading.Timer | None = field(default=None, init=False)
@@ -54,11 +55,19 @@ class ClaimBuffer:
     def __post_init__(self) -> None:
         atexit.register(self.flush)
 
-    def add(self, worker_id: str | None, decision: str | None) -> None:
-        """Count one task against ``worker_id`` (if any) and keep ``decision``; written soon."""
+    def add(
+        self,
+        worker_id: str | None,
+        decision: str | None,
+        counts: Iterable[tuple[str, str, float]] = (),
+    ) -> None:
+        """Count one task against ``worker_id`` (if any), keep ``decision`` and add ``counts``
+        (``(hash key, field, amount)`` metric increments); all written soon."""
         with self._lock:
             if worker_id is not None:
                 self._claims[worker_id] = self._claims.get(worker_id, 0) + 1
+            for key, name, amount in counts:
+                self._counters[key, name] = self._counters.get((key, name), 0.0) + amount
             if decision is not None and self.decisions_kept > 0:
                 self._decisions.append(decision)
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
@@ -81,17 +90,19 @@ class ClaimBuffer:
         On a Redis error the claims stay buffered for the next flush; ``None`` is returned.
         """
         with self._lock:
-            claims, decisions = self._claims, self._decisions
-            self._claims, self._decisions, self._first_at = {}, [], None
-        if not claims and not decisions:
+            claims, decisions, counters = self._claims, self._decisions, self._counters
+            self._claims, self._decisions, self._counters, self._first_at = {}, [], {}, None
+        if not claims and not decisions and not counters:
             return {}
         try:
-            return self.registry.claim_many(claims, decisions, self.decisions_kept)
+            return self.registry.claim_many(claims, decisions, self.decisions_kept, counters)
         except redis.RedisError as exc:
             log.warning("in-flight claims not written, kept for later: %s", exc)
             with self._lock:
                 for worker_id, count in claims.items():
                     self._claims[worker_id] = self._claims.get(worker_id, 0) + count
+                for key, amount in counters.items():
+                    self._counters[key] = self._counters.get(key, 0.0) + amount
                 self._decisions[:0] = decisions
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
                 self._first_at = self._first_at or self.clock()
@@ -112,7 +123,7 @@ class ClaimBuffer:
     def _on_timer(self) -> None:
         self.flush()
         with self._lock:
-            left = bool(self._claims or self._decisions)
+            left = bool(self._claims or self._decisions or self._counters)
         if left:  # Redis was away: try again later
             self._timer = None
             self._arm_timer()

@@ -17,6 +17,11 @@ key                                 type    contents
                                             have not finished yet (queued or running)
 ``{ns}:decisions``                  list    the last ``DECISIONS_KEPT`` routing decisions
                                             (JSON), newest first
+``{ns}:metrics:{name}``             hash    monotonic counters for ``/metrics``: ``routed``
+                                            (worker|service), ``fallback`` (service|reason),
+                                            ``model`` (hit, miss), ``latency`` (histogram
+                                            bucket, sum, count), ``broadcast``
+                                            (job type|status)
 ==================================  ======  ===============================================
 
 Broker queues (Celery's Redis transport keeps each queue as a list named after it):
@@ -74,6 +79,10 @@ class Keys:
     def decisions(self) -> str:
         """The list of recent routing decisions, newest first."""
         return f"{self._tag}:decisions"
+
+    def metrics(self, name: str) -> str:
+        """A hash of monotonic counters behind ``/metrics``."""
+        return f"{self._tag}:metrics:{name}"
 
     def worker_queue(self, worker_id: str) -> str:
         """The queue only this worker consumes."""

@@ -34,8 +34,9 @@ end
 return {beats, redis.call('HGETALL', KEYS[2])}
 """
 
-# Add a batch of claims and keep its decisions, as one command. ARGV: keep, the number of
-# workers n, then n (worker, count) pairs, then the decisions. Returns the new counts.
+# Add a batch of claims, bump metric counters and keep decisions, as one command. ARGV:
+# keep, n, then n (worker, count) pairs, then m, then m (hash, field, amount) triples, then
+# the decisions. Returns the new in-flight counts of the claimed workers.
 _CLAIM_LUA: Final = """
 local keep = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -49,8 +50,15 @@ for i = 0, n - 1 do
   counts[#counts + 1] = worker
   counts[#counts + 1] = count
 end
-if keep > 0 and #ARGV > 2 + 2 * n then
-  redis.call('LPUSH', KEYS[2], unpack(ARGV, 3 + 2 * n))
+local at = 3 + 2 * n
+local m = tonumber(ARGV[at])
+for i = 0, m - 1 do
+  local base = at + 1 + 3 * i
+  redis.call('HINCRBYFLOAT', ARGV[base], ARGV[base + 1], ARGV[base + 2])
+end
+local first = at + 1 + 3 * m
+if keep > 0 and #ARGV >= first then
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, first))
   redis.call('LTRIM', KEYS[2], 0, keep - 1)
 end
 return counts
@@ -162,15 +170,24 @@ class Registry:
         return list(self.snapshot().heartbeats)
 
     def claim_many(
-        self, claims: Mapping[str, int], decisions: Sequence[str], keep: int
+        self,
+        claims: Mapping[str, int],
+        decisions: Sequence[str],
+        keep: int,
+        counters: Mapping[tuple[str, str], float] | None = None,
     ) -> dict[str, int]:
-        """Add ``claims`` to the in-flight counts and keep ``decisions``, in one command.
+        """Add ``claims`` to the in-flight counts, ``counters`` to their hash fields
+        (``(key, field) -> amount``) and keep ``decisions``, in one command.
 
         Returns the new count of each claimed worker.
         """
-        args: list[str | int] = [keep, len(claims)]
+        args: list[str | int | float] = [keep, len(claims)]
         for worker_id, count in claims.items():
             args += [worker_id, count]
+        counters = counters or {}
+        args.append(len(counters))
+        for (key, name), amount in counters.items():
+            args += [key, name, amount]
         # LPUSH puts its last argument first: oldest first in, newest first out. Lua's
         # unpack() takes a few thousand values at most, hence the cap.
         if keep > 0:

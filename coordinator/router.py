@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import redis
 
+from coordinator import metrics
 from coordinator.catalog import detect_required_model, task_spec
 from coordinator.claims import CLAIM_HEADER, ClaimBuffer
 from coordinator.decisions import Outcome
@@ -107,14 +108,15 @@ class FleetRouter:
 
     def route(self, task: str, service: str, model: str | None) -> Route:
         """Choose the queue for one task and count it against the chosen worker."""
+        started = time.perf_counter()
         now = self.clock()
         if now < self._down_until:
-            return self._fallback(task, service, model, "fallback_registry_down", now)
+            return self._fallback(task, service, model, "fallback_registry_down", started)
         try:
             pool = self._pool(service, model, now)
         except redis.RedisError as exc:
             self._down_until = now + self.retry_after_s
-            return self._fallback(task, service, model, "fallback_registry_down", now, exc)
+            return self._fallback(task, service, model, "fallback_registry_down", started, exc)
         ranked = rank_candidates(
             pool,
             weights=self.weights,
@@ -123,7 +125,7 @@ class FleetRouter:
             limit=KEPT_CANDIDATES,
         )
         if not ranked:
-            return self._fallback(task, service, model, "fallback_no_worker", now)
+            return self._fallback(task, service, model, "fallback_no_worker", started)
         winner = ranked[0]
         queue = next(self._queue_of(c) for c in pool if c.heartbeat.worker_id == winner.worker_id)
         self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
@@ -132,7 +134,10 @@ class FleetRouter:
             if self.decisions_kept > 0
             else None
         )
-        self.claims.add(winner.worker_id, decision)
+        hit = winner.model_loaded > 0 if model is not None else None
+        latency_s = time.perf_counter() - started
+        counts = metrics.routed(self.keys, winner.worker_id, service, hit, latency_s)
+        self.claims.add(winner.worker_id, decision, counts)
         log.info(
             "routed %s (model %s) to %s, score %.1f, best of %d",
             task,
@@ -213,9 +218,10 @@ class FleetRouter:
         service: str,
         model: str | None,
         outcome: Outcome,
-        now: float,
+        started: float,
         error: Exception | None = None,
     ) -> Route:
+        now = self.clock()
         queue = self.keys.service_queue(service)
         if outcome == "fallback_no_worker":
             reason = f"no live worker offers {service!r}"

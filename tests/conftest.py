@@ -21,8 +21,8 @@ import redis
 
 from coordinator.registry import Registry, redis_client
 from coordinator.settings import CoordinatorSettings
-from tests.fake_model_server import FakeModelServer
 from worker_tasks.app import FleetApp, create_app
+from worker_tasks.simulated_ollama import SimulatedModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
@@ -132,12 +132,14 @@ def app(settings: CoordinatorSettings) -> Iterator[FleetApp]:
 
 
 @pytest.fixture
-def fake_server() -> Iterator[Callable[..., FakeModelServer]]:
+def fake_server() -> Iterator[Callable[..., SimulatedModelServer]]:
     """Start fake model servers; all are stopped at teardown."""
-    started: list[FakeModelServer] = []
+    started: list[SimulatedModelServer] = []
 
-    def start(name: str, models: list[str], loaded: list[str] | None = None) -> FakeModelServer:
-        server = FakeModelServer(name, models, models_in_memory=loaded or []).start()
+    def start(
+        name: str, models: list[str], loaded: list[str] | None = None
+    ) -> SimulatedModelServer:
+        server = SimulatedModelServer(name, models, models_in_memory=loaded or []).start()
         started.append(server)
         return server
 
@@ -187,7 +189,7 @@ def start_worker(
         worker_id: str,
         *,
         tier: str,
-        server: FakeModelServer | None,
+        server: SimulatedModelServer | None,
         specialization: str = "",
         extra_env: dict[str, str] | None = None,
         args: list[str] | None = None,

@@ -16,8 +16,8 @@ from coordinator.rag import chroma_client, search
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
 from tests.conftest import WorkerFactory, WorkerProcess, free_port, wait_for, wait_for_worker
-from tests.fake_model_server import FakeModelServer
 from worker_tasks.app import FleetApp, create_app
+from worker_tasks.simulated_ollama import SimulatedModelServer
 
 pytestmark = pytest.mark.e2e
 EMBED_MODEL = "nomic-embed-text"
@@ -36,7 +36,7 @@ def start_all(
 def test_ping_reaches_exactly_the_capable_live_workers(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     server = fake_server("shared", [EMBED_MODEL, "llama3.2"])
@@ -82,7 +82,7 @@ def test_unknown_job_types_and_bad_data_fail_before_anything_is_sent(
 def test_a_failing_worker_is_reported_and_the_others_still_aggregate(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     good_a, good_b = fake_server("good-a", ["llama3.2"]), fake_server("good-b", [])
@@ -118,7 +118,7 @@ def test_a_failing_worker_is_reported_and_the_others_still_aggregate(
 def test_a_killed_worker_is_reported_timeout_and_the_call_returns(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     server = fake_server("s", ["llama3.2"])
@@ -165,7 +165,7 @@ def rag_app(settings: CoordinatorSettings, chroma_url: str) -> Iterator[FleetApp
 def test_rag_ingestion_stores_every_chunk_once_and_is_idempotent(
     rag_app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
     settings: CoordinatorSettings,
     chroma_url: str,
@@ -227,7 +227,7 @@ def test_rag_ingestion_stores_every_chunk_once_and_is_idempotent(
 def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
     tmp_path: Path,
 ) -> None:
@@ -264,7 +264,7 @@ def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
 def test_control_messages_reach_every_worker_through_the_fanout_exchange(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     slow = {"HEARTBEAT_INTERVAL_S": "60", "HEARTBEAT_TTL_S": "180"}
@@ -291,7 +291,7 @@ def test_control_messages_reach_every_worker_through_the_fanout_exchange(
 def test_broadcast_async_returns_a_handle_to_wait_on(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     start_worker("solo", tier="gpu", server=fake_server("s", ["llama3.2"]))

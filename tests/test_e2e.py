@@ -14,8 +14,8 @@ from coordinator.errors import ServiceError
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
 from tests.conftest import WorkerFactory, WorkerProcess, wait_for, wait_for_worker
-from tests.fake_model_server import FakeModelServer
 from worker_tasks.app import FleetApp
+from worker_tasks.simulated_ollama import SimulatedModelServer
 from worker_tasks.tasks import embed, generate, ocr
 
 pytestmark = pytest.mark.e2e
@@ -28,12 +28,14 @@ class Fleet:
     ocr_gpu: WorkerProcess
     vllm_gpu: WorkerProcess
     cpu: WorkerProcess
-    servers: dict[str, FakeModelServer]
+    servers: dict[str, SimulatedModelServer]
 
 
 @pytest.fixture
 def fleet(
-    start_worker: WorkerFactory, fake_server: Callable[..., FakeModelServer], registry: Registry
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
 ) -> Fleet:
     """The issue's fleet: an OCR GPU worker, a vLLM GPU worker and a CPU worker."""
     servers = {
@@ -114,7 +116,7 @@ def test_a_killed_worker_leaves_routing_within_its_ttl(
 
 def test_a_clean_shutdown_deregisters_at_once(
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
     settings: CoordinatorSettings,
 ) -> None:
@@ -127,7 +129,7 @@ def test_a_clean_shutdown_deregisters_at_once(
 def test_heartbeats_keep_flowing_while_the_solo_pool_runs_a_long_task(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
     settings: CoordinatorSettings,
 ) -> None:
@@ -155,7 +157,7 @@ def test_heartbeats_keep_flowing_while_the_solo_pool_runs_a_long_task(
 
 def test_operator_queues_given_with_dash_q_win(
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     settings: CoordinatorSettings,
 ) -> None:
     only = f"{settings.namespace}.hand-picked"
@@ -196,7 +198,7 @@ def test_a_bad_setting_stops_the_worker_with_a_message_naming_it(
 
 
 def test_a_model_service_error_fails_the_task_with_its_reason(
-    app: FleetApp, start_worker: WorkerFactory, fake_server: Callable[..., FakeModelServer]
+    app: FleetApp, start_worker: WorkerFactory, fake_server: Callable[..., SimulatedModelServer]
 ) -> None:
     start_worker("plain", tier="cpu", server=fake_server("plain", ["llama3.2"]))
     result = generate.apply_async(args=("hi",), kwargs={"model": "no-such-model"})
@@ -207,7 +209,7 @@ def test_a_model_service_error_fails_the_task_with_its_reason(
 def test_a_transient_service_failure_is_retried_on_another_worker(
     app: FleetApp,
     start_worker: WorkerFactory,
-    fake_server: Callable[..., FakeModelServer],
+    fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
 ) -> None:
     failing = fake_server("failing", ["llama3.2"], ["llama3.2"])

@@ -1,4 +1,4 @@
-"""A stdlib-only fake of an Ollama model server, for tests.
+"""A SIMULATED Ollama model server: no model runs here. For the demo and the tests.
 
 It speaks the subset of Ollama's JSON API that this project relies on
 (https://github.com/ollama/ollama/blob/main/docs/api.md):
@@ -11,18 +11,19 @@ It speaks the subset of Ollama's JSON API that this project relies on
 plus ``GET /health``, the health endpoint of this project's embedding and OCR services.
 
 Generated text is deterministic and echoes its inputs (``"[server] model: prompt"``) so tests
-can tell which server and model answered. Token timings are simulated without sleeping; only
+and the demo can tell which server and model answered; embeddings are hashes of the text,
+not semantic. Token timings are simulated without sleeping; only
 ``load_delay_s`` (model load) and the injected ``delay_s`` take real wall-clock time. Models
 never expire from memory on their own.
 
 Use it in-process::
 
-    with FakeModelServer("gpu-a", ["llama3.2"]) as server:
+    with SimulatedModelServer("gpu-a", ["llama3.2"]) as server:
         httpx.post(f"{server.url}/api/generate", json={...})
 
 or as a process (for worker subprocesses)::
 
-    python -m tests.fake_model_server --name gpu-a --models llama3.2,llava --loaded llama3.2
+    python -m worker_tasks.simulated_ollama --name gpu-a --models llama3.2,llava --loaded llama3.2
 
 which prints ``READY <url>`` once listening and serves until SIGTERM/SIGINT.
 """
@@ -159,7 +160,7 @@ def _not_found(model: str) -> _HTTPError:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], fake: FakeModelServer) -> None:
+    def __init__(self, address: tuple[str, int], fake: SimulatedModelServer) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.fake = fake
@@ -207,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
     _started_ns: int = 0
 
     @property
-    def _fake(self) -> FakeModelServer:
+    def _fake(self) -> SimulatedModelServer:
         return cast(_Server, self.server).fake
 
     def setup(self) -> None:
@@ -535,7 +536,7 @@ _ROUTES: Final[dict[tuple[str, str], Callable[[_Handler], None]]] = {
 
 
 @dataclass(eq=False)
-class FakeModelServer:
+class SimulatedModelServer:
     """An in-process fake Ollama server with fault injection and request counters.
 
     ``models_on_disk`` are the pulled models (listed by ``/api/tags``); ``models_in_memory``
@@ -762,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        server = FakeModelServer(
+        server = SimulatedModelServer(
             name=args.name,
             models_on_disk=_split_names(args.models),
             models_in_memory=_split_names(args.loaded),
