@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint install clean
+.PHONY: demo test lint install clean
+
+demo: $(VENV)/.installed
+	$(BIN)/coordinator demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -138,6 +138,7 @@ class BroadcastHandle:
             result = BroadcastResult.model_validate(self.body.result)
         else:
             result = gather(self.job, self.broadcast_id, self._partial())
+        _stop_waiting(self.app, [child.id for child in self.header.results or []])
         _after(self.app, result)
         return result
 
@@ -187,7 +188,8 @@ def broadcast_async(
     capability = required_capability or job.required_capability
     recipients = select_recipients(app.registry.live_workers(), capability)
     if not recipients:
-        raise JobError(f"no live GPU or CPU worker offers {capability or 'anything'!r}")
+        offering = f" offers {capability!r}" if capability else ""
+        raise JobError(f"no live GPU or CPU worker{offering}")
     broadcast_id = uuid.uuid4().hex
     keys = app.settings.keys
     # A worker that comes back after the caller gave up must not start stale work.
@@ -274,6 +276,25 @@ def _after(app: FleetApp, result: BroadcastResult) -> None:
         record_broadcast(app.registry, result)
     except Exception as exc:  # best effort: the next heartbeat brings the same news
         log.warning("could not refresh the fleet or count the broadcast: %s", exc)
+
+
+def _stop_waiting(app: FleetApp, task_ids: Sequence[str]) -> None:
+    """Drop the caller-side waiters Celery left on a chord's header results.
+
+    Celery's Redis backend builds a GroupResult of the header when it applies a chord, and
+    each of its results subscribes to its task's channel and stays referenced until the
+    result is *drained*, which polling ``ready()`` never does: a long-lived caller would
+    keep one subscription and one object per worker per broadcast. There is no public API
+    to forget them, hence the backend's internals, guarded.
+    """
+    backend = app.backend
+    pending = getattr(backend, "_pending_results", ())
+    consumer = getattr(backend, "result_consumer", None)
+    for task_id in task_ids:
+        for mapping in pending:
+            mapping.pop(task_id, None)
+        if consumer is not None and hasattr(consumer, "cancel_for"):
+            consumer.cancel_for(task_id)
 
 
 def _default_app() -> FleetApp:

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -53,7 +54,8 @@ class ClaimBuffer:
     _timer_pid: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        atexit.register(self.flush)
+        # A weak reference: a process that makes many routers must not keep them all alive.
+        atexit.register(_flush_at_exit, weakref.ref(self))
 
     def add(
         self,
@@ -127,3 +129,9 @@ class ClaimBuffer:
         if left:  # Redis was away: try again later
             self._timer = None
             self._arm_timer()
+
+
+def _flush_at_exit(buffer: weakref.ref[ClaimBuffer]) -> None:
+    alive = buffer()
+    if alive is not None:
+        alive.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -95,12 +96,15 @@ def redis_client(url: str, timeout_s: float) -> redis.Redis:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for logs and error messages."""
+    """``url`` without its password (in the authority or a ``password=`` query), for logs
+    and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return parts.geturl()
 
 
 @dataclass(frozen=True, slots=True)

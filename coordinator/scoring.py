@@ -142,8 +142,8 @@ def candidate(
         weights.specialization if heartbeat.specialization == service else 0.0,
         weights.tier_points(heartbeat.tier),
         weights.service_healthy if heartbeat.services_status.get(service) == "healthy" else 0.0,
-        -weights.cpu_load * heartbeat.current_load,
-        -weights.gpu_utilization * gpu / 100.0 if gpu is not None else 0.0,
+        0.0 - weights.cpu_load * heartbeat.current_load,  # 0.0 - x: no -0.0 in output
+        0.0 - weights.gpu_utilization * gpu / 100.0 if gpu is not None else 0.0,
     )
     return Candidate(
         heartbeat,
@@ -165,7 +165,7 @@ def candidates(
 
 
 def _breakdown(c: Candidate, active: int, tiebreak: float, weights: Weights) -> ScoreBreakdown:
-    penalty = -weights.active_request * active
+    penalty = 0.0 - weights.active_request * active
     return ScoreBreakdown(
         worker_id=c.worker_id,
         model_loaded=c.model_loaded,

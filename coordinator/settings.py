@@ -7,7 +7,7 @@ import re
 import socket
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from coordinator.errors import ConfigError
@@ -35,6 +35,8 @@ class CoordinatorSettings(BaseSettings):
     redis_timeout_s: float = Field(default=1.0, gt=0.0)
     decisions_kept: int = Field(default=1000, ge=0)
     chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
+    # SecretStr: never in a repr, a log line or an error message.
+    coordinator_api_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _ttl_outlives_interval(self) -> Self:

@@ -46,8 +46,21 @@ class JobContext:
     """What a handler may use on the worker that runs it."""
 
     settings: WorkerSettings
-    http: httpx.Client
     heartbeat: HeartbeatSender | None
+    _http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """An HTTP client with the model-call timeout, made on first use (a ping needs none:
+        making one costs more than the ping)."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=self.settings.model_timeout_s)
+        return self._http
+
+    def close(self) -> None:
+        """Close what the handler opened."""
+        if self._http is not None:
+            self._http.close()
 
 
 Handler = Callable[[JobContext, Any], dict[str, Any]]
@@ -214,8 +227,11 @@ def run_broadcast_job(
             reason = f"worker {me!r} does not offer {required_capability!r}"
             return _outcome(me, started, error=reason, code=REFUSED_CODE)
         data = job.parse(job_data)
-        with httpx.Client(timeout=settings.model_timeout_s) as http:
-            result = HANDLERS[job.name](JobContext(settings, http, sender), data)
+        ctx = JobContext(settings, sender)
+        try:
+            result = HANDLERS[job.name](ctx, data)
+        finally:
+            ctx.close()
     except JobError as exc:
         return _outcome(me, started, error=str(exc), code=REFUSED_CODE)
     except Exception as exc:  # a job's failure is reported, never raised into the chord
