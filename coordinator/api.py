@@ -31,6 +31,7 @@ from coordinator.broadcast import BroadcastResult, broadcast
 from coordinator.decisions import Decision
 from coordinator.errors import ConfigError, JobError
 from coordinator.metrics import FleetCollector
+from coordinator.reaper import Reaper
 from coordinator.registry import redact_url
 from coordinator.settings import CoordinatorSettings
 from worker_tasks.app import FleetApp, create_app
@@ -240,7 +241,18 @@ def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int =
             )
         log.warning("serving without a token, loopback only (%s:%d)", host, port)
     app = create_app(settings)
+    # The reaper runs beside the API, so a fleet with an admin API recovers dead workers'
+    # tasks without one more process to deploy.
+    stop = threading.Event()
+    reaper = threading.Thread(
+        target=Reaper(app, settings.grace_s).run,
+        args=(settings.heartbeat_interval_s, stop),
+        name="reaper",
+        daemon=True,
+    )
+    reaper.start()
     try:
         uvicorn.run(create_api(app, token=token), host=host, port=port)
     finally:
+        stop.set()
         app.close()

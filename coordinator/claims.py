@@ -33,6 +33,8 @@ CLAIM_HEADER: Final = "aiq_claimed_by"
 """Message header naming the worker whose in-flight count a routed task was added to."""
 
 MAX_UNWRITTEN_DECISIONS: Final = 10_000
+RETRY_S: Final = 2.0
+"""After a failed write, the next try waits this long (and the warning is not repeated)."""
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ClaimBuffer:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _timer: threading.Timer | None = field(default=None, init=False)
     _timer_pid: int = field(default=0, init=False)
+    _failing: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         # A weak reference: a process that makes many routers must not keep them all alive.
@@ -97,9 +100,11 @@ class ClaimBuffer:
         if not claims and not decisions and not counters:
             return {}
         try:
-            return self.registry.claim_many(claims, decisions, self.decisions_kept, counters)
+            written = self.registry.claim_many(claims, decisions, self.decisions_kept, counters)
         except redis.RedisError as exc:
-            log.warning("in-flight claims not written, kept for later: %s", exc)
+            if not self._failing:
+                log.warning("in-flight claims not written, kept for later: %s", exc)
+            self._failing = True
             with self._lock:
                 for worker_id, count in claims.items():
                     self._claims[worker_id] = self._claims.get(worker_id, 0) + count
@@ -109,15 +114,19 @@ class ClaimBuffer:
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
                 self._first_at = self._first_at or self.clock()
             return None
+        if self._failing:
+            log.info("in-flight claims written again")
+            self._failing = False
+        return written
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay_s: float | None = None) -> None:
         # Timers do not survive fork: a forked publisher (a prefork pool child routing
         # chord bodies) arms its own.
         pid = os.getpid()
         timer = self._timer
         if timer is not None and self._timer_pid == pid and timer.is_alive():
             return
-        timer = threading.Timer(self.flush_s, self._on_timer)
+        timer = threading.Timer(delay_s or self.flush_s, self._on_timer)
         timer.daemon = True
         self._timer, self._timer_pid = timer, pid
         timer.start()
@@ -128,7 +137,7 @@ class ClaimBuffer:
             left = bool(self._claims or self._decisions or self._counters)
         if left:  # Redis was away: try again later
             self._timer = None
-            self._arm_timer()
+            self._arm_timer(RETRY_S)
 
 
 def _flush_at_exit(buffer: weakref.ref[ClaimBuffer]) -> None:

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", _serve, "run the admin HTTP API", json_flag=False)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=_positive(int), default=8080, help="port (8080)")
+    reap = add("reaper", _reaper, "move the work of dead workers to live ones", json_flag=False)
+    reap.add_argument("--interval", type=_positive(float), help="seconds between scans")
     demo = add("demo", _demo, "run a local 3-worker fleet, send a batch, report", json_flag=False)
     demo.add_argument("--tasks", type=_positive(int), default=30, help="tasks to send (30)")
     demo.add_argument(
@@ -279,6 +281,13 @@ def _serve(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     from coordinator.api import serve
 
     serve(settings, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _reaper(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
+    from coordinator.reaper import run_reaper
+
+    run_reaper(settings, interval_s=args.interval)
     return EXIT_OK
 
 

@@ -13,6 +13,9 @@ key                                 type    contents
 ``{ns}:workers``                    set     ids of workers that have heartbeated; an id
                                             whose heartbeat key has expired is removed by
                                             the next registry read
+``{ns}:known``                      hash    worker_id -> its queue, for every worker that has
+                                            heartbeated and not left cleanly: the reaper
+                                            looks here for workers that went silent
 ``{ns}:inflight``                   hash    worker_id -> tasks routed to the worker that
                                             have not finished yet (queued or running)
 ``{ns}:decisions``                  list    the last ``DECISIONS_KEPT`` routing decisions
@@ -23,6 +26,11 @@ key                                 type    contents
                                             bucket, sum, count), ``broadcast``
                                             (job type|status)
 ==================================  ======  ===============================================
+
+Celery's Redis transport also keeps, outside the namespace, ``unacked`` (hash: delivery
+tag -> the message, its exchange and routing key) and ``unacked_index`` (sorted set:
+delivery tag -> delivery time) for messages delivered and not yet acknowledged; the reaper
+moves a dead worker's entries out of them.
 
 Broker queues (Celery's Redis transport keeps each queue as a list named after it):
 
@@ -69,6 +77,11 @@ class Keys:
     def workers(self) -> str:
         """The set of worker ids that have heartbeated."""
         return f"{self._tag}:workers"
+
+    @property
+    def known(self) -> str:
+        """The hash of every worker that heartbeated and did not leave cleanly -> its queue."""
+        return f"{self._tag}:known"
 
     @property
     def inflight(self) -> str:

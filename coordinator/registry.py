@@ -141,6 +141,11 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.keys.worker(heartbeat.worker_id), heartbeat.to_json(), px=self._ttl_ms)
         pipe.sadd(self.keys.workers, heartbeat.worker_id)
+        pipe.hset(
+            self.keys.known,
+            heartbeat.worker_id,
+            heartbeat.queue or self.keys.worker_queue(heartbeat.worker_id),
+        )
         pipe.execute()
 
     def remove(self, worker_id: str) -> None:
@@ -149,7 +154,13 @@ class Registry:
         pipe.delete(self.keys.worker(worker_id))
         pipe.srem(self.keys.workers, worker_id)
         pipe.hdel(self.keys.inflight, worker_id)
+        pipe.hdel(self.keys.known, worker_id)
         pipe.execute()
+
+    def known_workers(self) -> dict[str, str]:
+        """Every worker that heartbeated and did not leave cleanly -> its queue."""
+        known = self.client.hgetall(self.keys.known)
+        return {str(k): str(v) for k, v in known.items()}
 
     def snapshot(self) -> Snapshot:
         """Every live, well-formed heartbeat and the in-flight counts, in one round trip.

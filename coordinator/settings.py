@@ -35,6 +35,8 @@ class CoordinatorSettings(BaseSettings):
     redis_timeout_s: float = Field(default=1.0, gt=0.0)
     decisions_kept: int = Field(default=1000, ge=0)
     chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
+    visibility_timeout_s: float = Field(default=3600.0, gt=0.0)
+    reaper_grace_s: float | None = Field(default=None, ge=0.0)
     # SecretStr: never in a repr, a log line or an error message.
     coordinator_api_token: SecretStr | None = None
 
@@ -49,6 +51,11 @@ class CoordinatorSettings(BaseSettings):
                 "would drop out between two heartbeats"
             )
         return self
+
+    @property
+    def grace_s(self) -> float:
+        """How long the reaper waits after a heartbeat expired (default: one interval)."""
+        return self.heartbeat_interval_s if self.reaper_grace_s is None else self.reaper_grace_s
 
     @property
     def ttl_s(self) -> float:

@@ -257,3 +257,52 @@ def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield url
     server.stop()
+
+
+@dataclass
+class PrivateRedis:
+    """A ``redis-server`` of one test's own, which the test may stop, restart or lock."""
+
+    port: int
+    workdir: Path
+    password: str | None = None
+    persist: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        command = [_redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.workdir), "--save", ""]
+        command += ["--appendonly", "yes" if self.persist else "no"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _answers(self.url), 10.0, "the private redis-server to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: Redis flushes its append-only file and exits
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """Start Redis servers of this test's own; all are stopped at teardown."""
+    started: list[PrivateRedis] = []
+
+    def start(*, password: str | None = None, persist: bool = False) -> PrivateRedis:
+        workdir = tmp_path / f"redis-{len(started)}"
+        workdir.mkdir()
+        server = PrivateRedis(free_port(), workdir, password, persist).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

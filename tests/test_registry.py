@@ -124,6 +124,7 @@ def test_registry_write_lands_under_the_namespace_only(
     assert written == {
         settings.keys.worker("w1"),
         settings.keys.workers,
+        settings.keys.known,
         settings.keys.inflight,
         settings.keys.decisions,
     }

@@ -57,6 +57,14 @@ def create_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> 
         result_expires=24 * 3600,
         # Results live under the namespace too, so one Redis can host several fleets.
         result_backend_transport_options={"global_keyprefix": f"{settings.namespace}:"},
+        # At least once: a message is acknowledged after its task ran, so a worker that
+        # dies mid-task leaves it unacknowledged for the reaper (or kombu's restore) to
+        # deliver again; the model tasks and rag_ingestion are safe to run twice.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Longer than any task (model calls time out after MODEL_TIMEOUT_S), or a running
+        # task would be delivered a second time while it runs.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Model calls are long; a worker must not hoard messages another worker could run.
         worker_prefetch_multiplier=1,
         task_track_started=True,

@@ -1,0 +1,233 @@
+"""Nothing lost: dead workers, a dying reaper, Redis restarts, pickles, passwords.
+
+Real worker processes killed with SIGKILL, real Redis servers stopped and restarted."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Producer
+
+from coordinator.reaper import Reaper
+from coordinator.registry import Registry, redis_client
+from coordinator.settings import CoordinatorSettings
+from tests.conftest import PrivateRedis, WorkerFactory, wait_for, wait_for_worker
+from worker_tasks.app import FleetApp, create_app
+from worker_tasks.simulated_ollama import SimulatedModelServer
+from worker_tasks.tasks import generate
+
+pytestmark = pytest.mark.e2e
+QUEUED = 50
+
+
+def generate_requests(*servers: SimulatedModelServer) -> int:
+    return sum(s.request_count("POST", "/api/generate") for s in servers)
+
+
+@pytest.fixture
+def reaper_thread(app: FleetApp, settings: CoordinatorSettings) -> Iterator[Reaper]:
+    """A reaper scanning every heartbeat interval in this process, as `coordinator serve`
+    runs it."""
+    reaper = Reaper(app, settings.grace_s)
+    stop = threading.Event()
+    thread = threading.Thread(target=reaper.run, args=(settings.heartbeat_interval_s, stop))
+    thread.start()
+    yield reaper
+    stop.set()
+    thread.join(timeout=10)
+
+
+def fleet_with_a_victim(
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+) -> tuple[Any, SimulatedModelServer, list[SimulatedModelServer]]:
+    victim_server = fake_server("victim", ["llama3.2"], ["llama3.2"])
+    others = [fake_server(f"o{n}", ["llama3.2"], ["llama3.2"]) for n in (1, 2)]
+    victim = start_worker("victim", tier="gpu", server=victim_server, wait=False)
+    helpers = [
+        start_worker(f"other-{n}", tier="cpu", server=server, wait=False)
+        for n, server in enumerate(others, 1)
+    ]
+    for worker in (victim, *helpers):
+        wait_for_worker(registry, worker)
+    return victim, victim_server, others
+
+
+def test_kill_9_mid_task_loses_nothing(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+    reaper_thread: Reaper,
+) -> None:
+    victim, victim_server, others = fleet_with_a_victim(start_worker, fake_server, registry)
+    victim_server.set_fault(delay_s=120)  # the first task hangs in the model call
+    queue = registry.keys.worker_queue("victim")
+    results = [
+        generate.apply_async(args=(f"task {n}",), kwargs={"model": "llama3.2"}, queue=queue)
+        for n in range(QUEUED + 1)
+    ]
+    wait_for(lambda: victim_server.request_count("POST", "/api/generate") == 1, 20, "a task to run")
+    assert registry.client.llen(queue) == QUEUED
+
+    killed_at = time.monotonic()
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    answers = [r.get(timeout=60) for r in results]
+    elapsed = time.monotonic() - killed_at
+    print(f"\nkill -9 to last of {len(results)} completions: {elapsed:.1f} s")
+
+    assert {a["worker_id"] for a in answers} <= {"other-1", "other-2"}
+    assert sorted(a["response"].split(": ", 1)[1] for a in answers) == sorted(
+        f"task {n}" for n in range(QUEUED + 1)
+    )
+    # Each ran once on the others; only the one that was running may have run twice.
+    assert generate_requests(*others) == QUEUED + 1
+    assert registry.client.llen(queue) == 0
+    assert "victim" not in registry.known_workers()
+
+
+def _reap_slowly(settings: CoordinatorSettings, ready: Any) -> None:
+    import worker_tasks.tasks  # noqa: F401  (registers the tasks in this spawned process)
+
+    app = create_app(settings, main="doomed-reaper")
+    reaper = Reaper(app, grace_s=0.0, move_delay_s=0.05)
+    ready.set()
+    while True:
+        reaper.scan()
+
+
+def test_a_reaper_killed_halfway_loses_and_doubles_nothing(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+    settings: CoordinatorSettings,
+) -> None:
+    victim, victim_server, others = fleet_with_a_victim(start_worker, fake_server, registry)
+    queue = registry.keys.worker_queue("victim")
+    victim.stop()  # stop consuming; what is sent now waits in its queue
+    registry.client.hset(registry.keys.known, "victim", queue)  # as if it had crashed
+    results = [
+        generate.apply_async(args=(f"task {n}",), kwargs={"model": "llama3.2"}, queue=queue)
+        for n in range(QUEUED)
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    doomed = ctx.Process(target=_reap_slowly, args=(settings, ready))
+    doomed.start()
+    ready.wait(30)
+    wait_for(lambda: registry.client.llen(queue) <= QUEUED - 10, 30, "the reaper to move some")
+    assert doomed.pid is not None
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    left = registry.client.llen(queue)
+    assert 0 < left < QUEUED, "the reaper was to die halfway"
+
+    Reaper(app, grace_s=0.0).scan()  # a new reaper finishes the job
+    answers = [r.get(timeout=60) for r in results]
+    assert sorted(a["response"].split(": ", 1)[1] for a in answers) == sorted(
+        f"task {n}" for n in range(QUEUED)
+    )
+    assert generate_requests(*others) == QUEUED  # none lost, none doubled
+    assert generate_requests(victim_server) == 0
+
+
+def test_a_redis_restart_under_a_running_fleet(
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    private_redis: Callable[..., PrivateRedis],
+    settings: CoordinatorSettings,
+) -> None:
+    server = private_redis(persist=True)
+    local = settings.model_copy(update={"redis_url": server.url})
+    app = create_app(local, main="restart")
+    registry = app.registry
+    model = fake_server("m", ["llama3.2"], ["llama3.2"])
+    workers = [
+        start_worker(w, tier="cpu", server=model, wait=False, extra_env={"REDIS_URL": server.url})
+        for w in ("r-1", "r-2")
+    ]
+    for worker in workers:
+        wait_for_worker(registry, worker)
+    reaper = Reaper(app, local.grace_s)
+    assert reaper.scan() == []
+
+    server.stop()
+    assert reaper.scan() == []  # Redis away: no judgement
+    time.sleep(local.ttl_s + 0.5)  # long enough for every heartbeat to expire
+    server.start()
+    # The heartbeats' TTLs ran out while Redis was down, yet nobody is declared dead:
+    # the workers re-register before the reaper's grace since Redis came back ends.
+    for _ in range(int(local.grace_s / 0.1)):
+        assert reaper.scan() == []
+        time.sleep(0.1)
+    wait_for(
+        lambda: {hb.worker_id for hb in registry.live_workers()} == {"r-1", "r-2"},
+        local.heartbeat_interval_s + 15,
+        "both workers to re-register",
+    )
+    assert reaper.scan() == []
+    assert app.tasks["worker_tasks.generate"].delay("after").get(timeout=30)["response"]
+    app.close()
+
+
+def test_a_pickled_task_is_refused(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    settings: CoordinatorSettings,
+) -> None:
+    model = fake_server("p", ["llama3.2"], ["llama3.2"])
+    worker = start_worker("careful", tier="cpu", server=model)
+    queue = settings.keys.worker_queue("careful")
+    headers = {"lang": "py", "task": "worker_tasks.generate", "id": "pickled-1", "retries": 0}
+    with Connection(settings.redis_url) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"))
+        producer.publish(
+            ((), {"prompt": "pwned", "model": "llama3.2"}, {}),
+            routing_key=queue,
+            serializer="pickle",
+            headers=headers,
+        )
+    wait_for(lambda: "pickle" in worker.log(), 20, "the worker to refuse the pickle")
+    assert generate_requests(model) == 0
+    assert generate.apply_async(args=("json is fine",), queue=queue).get(timeout=30)
+    assert generate_requests(model) == 1
+
+
+def test_a_password_protected_redis_works_and_never_shows_the_password(
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    private_redis: Callable[..., PrivateRedis],
+    settings: CoordinatorSettings,
+) -> None:
+    secret = "s3cret-pa55"  # noqa: S105 - a test server's password
+    server = private_redis(password=secret)
+    local = settings.model_copy(update={"redis_url": server.url})
+    app = create_app(local, main="locked")
+    worker = start_worker(
+        "locked",
+        tier="cpu",
+        server=fake_server("l", ["llama3.2"], ["llama3.2"]),
+        wait=False,
+        extra_env={"REDIS_URL": server.url},
+    )
+    wait_for_worker(app.registry, worker)
+    assert app.tasks["worker_tasks.generate"].delay("hi").get(timeout=30)["worker_id"] == "locked"
+    assert secret not in worker.log()
+    decisions = app.registry.recent_decisions(10)
+    assert all(secret not in json.dumps(d) for d in decisions)
+    wrong = redis_client(server.url.replace(secret, "wrong"), 1.0)
+    with pytest.raises(Exception, match=r"(?i)auth|password"):
+        wrong.ping()
+    app.close()
