@@ -39,6 +39,7 @@ from worker_tasks.app import FleetApp, create_app
 log = logging.getLogger(__name__)
 
 OPENAPI_URL = "/openapi.json"
+MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_CONCURRENT_BROADCASTS = 8
 """Broadcasts waiting at once; each holds one of the server's threads until it returns."""
 
@@ -126,6 +127,17 @@ def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
         openapi_url=None,
     )
     guarded = APIRouter(dependencies=[Depends(TokenGuard(token))] if token else [])
+
+    @api.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        # Refused before it is read: a body this size is a mistake or an attack.
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse(
+                {"detail": f"request body over {MAX_BODY_BYTES} bytes (content-length {length!r})"},
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            )
+        return await call_next(request)
 
     @api.exception_handler(redis.RedisError)
     def _registry_down(request: Request, exc: Exception) -> JSONResponse:

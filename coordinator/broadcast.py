@@ -11,6 +11,7 @@ messages where no result is needed, such as "probe and heartbeat now".
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -41,6 +42,8 @@ GATHER: Final = "worker_tasks.gather_broadcast"
 CONTROL: Final = "worker_tasks.control"
 CONTROL_ROUTING_KEY: Final = "control"
 POLL_S: Final = 0.05
+MAX_JOB_DATA_BYTES: Final = 16 * 1024 * 1024
+"""Every recipient's share travels as one Redis message; bigger jobs belong in a store."""
 
 WorkerStatus = Literal["accepted", "failed", "timeout"]
 STATUS_CODES: Final[Mapping[WorkerStatus, int]] = {"accepted": 200, "failed": 500, "timeout": 504}
@@ -98,7 +101,7 @@ def select_recipients(
 def gather(job: JobType, broadcast_id: str, outcomes: Sequence[WorkerOutcome]) -> BroadcastResult:
     """Count the outcomes and aggregate the accepted results; used by the chord body and
     by a caller whose wait ran out."""
-    accepted = {o.worker_id: o.result or {} for o in outcomes if o.status == "accepted"}
+    accepted = [(o.worker_id, o.result or {}) for o in outcomes if o.status == "accepted"]
     return BroadcastResult(
         job_type=job.name,
         broadcast_id=broadcast_id,
@@ -184,6 +187,9 @@ def broadcast_async(
     """
     app = app or _default_app()
     job = job_type(job_type_name)
+    size = len(json.dumps(job_data, default=str))
+    if size > MAX_JOB_DATA_BYTES:
+        raise JobError(f"job_data is {size} bytes, over the {MAX_JOB_DATA_BYTES} limit")
     data = job.parse(job_data)
     capability = required_capability or job.required_capability
     recipients = select_recipients(app.registry.live_workers(), capability)

@@ -11,7 +11,7 @@ function) and register its handler in :mod:`worker_tasks.jobs`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
@@ -114,8 +114,9 @@ class JobType:
     required_capability: str | None = None
     """Used when the caller names none."""
     shard: Callable[[JobData, int], list[JobData]] | None = None
-    summarize: Callable[[Mapping[str, Mapping[str, Any]]], dict[str, Any]] | None = None
-    """Turns each accepted worker's result into the job's aggregated result."""
+    summarize: Callable[[Sequence[tuple[str, Mapping[str, Any]]]], dict[str, Any]] | None = None
+    """Turns the accepted ``(worker_id, result)`` pairs into the job's aggregated result.
+    A list, not a dict: a worker may run two shares when the reaper moved a dead one's."""
 
     def parse(self, job_data: Mapping[str, Any]) -> JobData:
         """Validate ``job_data``; raises :class:`JobError` naming the field and the value."""
@@ -137,16 +138,16 @@ class JobType:
         return [data] * recipients
 
 
-def summarize_ingestion(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def summarize_ingestion(results: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """Totals over the workers, and every failed document with its worker."""
     failures = [
         {**failure, "worker_id": worker_id}
-        for worker_id, result in results.items()
+        for worker_id, result in results
         for failure in result.get("failed", [])
     ]
     return {
-        "documents": sum(int(r.get("documents", 0)) for r in results.values()),
-        "chunks": sum(int(r.get("chunks", 0)) for r in results.values()),
+        "documents": sum(int(r.get("documents", 0)) for _, r in results),
+        "chunks": sum(int(r.get("chunks", 0)) for _, r in results),
         "failed_documents": failures,
     }
 

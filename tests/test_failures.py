@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from kombu import Connection, Exchange, Producer
 
+from coordinator.broadcast import broadcast_async
+from coordinator.rag import chroma_client
 from coordinator.reaper import Reaper
 from coordinator.registry import Registry, redis_client
 from coordinator.settings import CoordinatorSettings
@@ -230,4 +232,51 @@ def test_a_password_protected_redis_works_and_never_shows_the_password(
     wrong = redis_client(server.url.replace(secret, "wrong"), 1.0)
     with pytest.raises(Exception, match=r"(?i)auth|password"):
         wrong.ping()
+    app.close()
+
+
+def test_a_dead_workers_broadcast_shard_moves_and_its_replicated_job_is_dropped(
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+    settings: CoordinatorSettings,
+    chroma_url: str,
+) -> None:
+    local = settings.model_copy(update={"chromadb_url": chroma_url})
+    app = create_app(local, main="bcast-reap")
+    env = {"CHROMADB_URL": chroma_url}
+    victim_server = fake_server("v", ["nomic-embed-text", "llama3.2"])
+    victim = start_worker("victim", tier="cpu", server=victim_server, extra_env=env, wait=False)
+    alive = start_worker(
+        "alive", tier="cpu", server=fake_server("a", ["nomic-embed-text"]), extra_env=env
+    )
+    wait_for_worker(registry, victim)
+    del alive
+    # The victim is stuck in a long task, so both broadcasts' messages wait in its queue.
+    victim_server.set_fault(delay_s=120)
+    generate.apply_async(args=("stuck",), queue=registry.keys.worker_queue("victim"))
+    wait_for(lambda: victim_server.request_count("POST", "/api/generate") == 1, 20, "the hang")
+    documents = [{"id": f"d{n}", "text": f"document number {n}"} for n in range(10)]
+    collection = f"c-{settings.namespace}"
+    ingest = broadcast_async(
+        "rag_ingestion", {"documents": documents, "collection": collection}, timeout_s=40, app=app
+    )
+    ping = broadcast_async("ping", {}, timeout_s=8, app=app)
+    assert sorted(ingest.recipients) == sorted(ping.recipients) == ["alive", "victim"]
+
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    wait_for(lambda: "victim" not in {h.worker_id for h in registry.live_workers()}, 10, "expiry")
+    report = next(r for r in Reaper(app, grace_s=0.0).scan() if r.worker_id == "victim")
+    assert len(report.dropped) == 1  # the replicated ping
+    assert sum(report.moved.values()) == 2  # the stuck generate and the shard
+
+    ingested = ingest.wait()
+    assert ingested.aggregated["documents"] == len(documents)
+    assert chroma_client(chroma_url).get_collection(collection).count() == len(documents)
+    pinged = ping.wait()
+    assert {w.worker_id: w.status for w in pinged.workers} == {
+        "alive": "accepted",
+        "victim": "timeout",
+    }
     app.close()

@@ -345,28 +345,36 @@ def test_shards_partition_the_documents(documents: list[dict[str, str]], parts: 
 
 def test_summarize_ingestion_sums_and_lists_failures_by_worker() -> None:
     summary = summarize_ingestion(
-        {
-            "gpu-1": {
-                "collection": "manuals",
-                "documents": 2,
-                "chunks": 7,
-                "failed": [{"id": "doc-3", "error": "empty text"}],
-            },
-            "cpu-1": {
-                "collection": "manuals",
-                "documents": 1,
-                "chunks": 4,
-                "failed": [
-                    {"id": "doc-5", "error": "embedding failed"},
-                    {"id": "doc-6", "error": "embedding failed", "worker_id": "forged"},
-                ],
-            },
-            "cpu-2": {"documents": 3, "chunks": 3},
-        }
+        [
+            (
+                "gpu-1",
+                {
+                    "collection": "manuals",
+                    "documents": 2,
+                    "chunks": 7,
+                    "failed": [{"id": "doc-3", "error": "empty text"}],
+                },
+            ),
+            (
+                "cpu-1",
+                {
+                    "collection": "manuals",
+                    "documents": 1,
+                    "chunks": 4,
+                    "failed": [
+                        {"id": "doc-5", "error": "embedding failed"},
+                        {"id": "doc-6", "error": "embedding failed", "worker_id": "forged"},
+                    ],
+                },
+            ),
+            ("cpu-2", {"documents": 3, "chunks": 3}),
+            # The same worker twice: it ran a dead worker's share too.
+            ("cpu-2", {"documents": 1, "chunks": 1}),
+        ]
     )
     assert summary == {
-        "documents": 6,
-        "chunks": 14,
+        "documents": 7,
+        "chunks": 15,
         "failed_documents": [
             {"id": "doc-3", "error": "empty text", "worker_id": "gpu-1"},
             {"id": "doc-5", "error": "embedding failed", "worker_id": "cpu-1"},
@@ -376,5 +384,5 @@ def test_summarize_ingestion_sums_and_lists_failures_by_worker() -> None:
 
 
 def test_summarize_ingestion_of_nothing() -> None:
-    assert summarize_ingestion({}) == {"documents": 0, "chunks": 0, "failed_documents": []}
-    assert summarize_ingestion({"w": {}}) == {"documents": 0, "chunks": 0, "failed_documents": []}
+    assert summarize_ingestion([]) == {"documents": 0, "chunks": 0, "failed_documents": []}
+    assert summarize_ingestion([("w", {})]) == {"documents": 0, "chunks": 0, "failed_documents": []}
