@@ -85,23 +85,20 @@ class FleetCollector(Collector):
             name: {str(k): float(v) for k, v in values.items()} for name, values in hashes.items()
         }
 
-        routed_total = CounterMetricFamily(
+        yield _pairs(
             "aiq_routing_decisions",
             "Tasks routed to a worker's queue",
-            labels=["worker", "service"],
+            data["routed"],
+            "worker",
+            "service",
         )
-        for label, value in sorted(data["routed"].items()):
-            routed_total.add_metric(label.split(SEP, 1), value)
-        yield routed_total
-
-        fallback = CounterMetricFamily(
+        yield _pairs(
             "aiq_routing_fallbacks",
             "Tasks sent to a service's shared queue",
-            labels=["service", "reason"],
+            data["fallback"],
+            "service",
+            "reason",
         )
-        for label, value in sorted(data["fallback"].items()):
-            fallback.add_metric(label.split(SEP, 1), value)
-        yield fallback
 
         hits, misses = data["model"].get("hit", 0.0), data["model"].get("miss", 0.0)
         model = CounterMetricFamily(
@@ -129,14 +126,13 @@ class FleetCollector(Collector):
             sum_value=latency.get("sum", 0.0),
         )
 
-        outcomes = CounterMetricFamily(
+        yield _pairs(
             "aiq_broadcast_worker_outcomes",
             "Broadcast answers per worker",
-            labels=["job_type", "status"],
+            data["broadcast"],
+            "job_type",
+            "status",
         )
-        for label, value in sorted(data["broadcast"].items()):
-            outcomes.add_metric(label.split(SEP, 1), value)
-        yield outcomes
 
         live = GaugeMetricFamily(
             "aiq_live_workers", "Workers with a live heartbeat", labels=["tier"]
@@ -147,3 +143,11 @@ class FleetCollector(Collector):
         for tier, count in tiers.items():
             live.add_metric([tier], count)
         yield live
+
+
+def _pairs(name: str, documentation: str, counts: dict[str, float], *labels: str) -> Metric:
+    """A counter whose hash fields are its two label values joined by ``SEP``."""
+    family = CounterMetricFamily(name, documentation, labels=list(labels))
+    for field, value in sorted(counts.items()):
+        family.add_metric(field.split(SEP, 1), value)
+    return family

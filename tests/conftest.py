@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from coordinator.heartbeat import Heartbeat
 from coordinator.registry import Registry, redis_client
 from coordinator.settings import CoordinatorSettings
 from worker_tasks.app import FleetApp, create_app
@@ -122,6 +123,29 @@ def redis_conn(settings: CoordinatorSettings) -> redis.Redis:
 @pytest.fixture
 def registry(settings: CoordinatorSettings, redis_conn: redis.Redis) -> Registry:
     return Registry(redis_conn, settings.keys, settings.ttl_s)
+
+
+SCENARIO_1 = (
+    Heartbeat(
+        worker_id="gpu-1",
+        tier=1,
+        current_load=0.20,
+        loaded_models=("llama-vision",),
+        specialization="ocr",
+        capabilities=("ocr", "vllm"),
+    ),
+    Heartbeat(
+        worker_id="gpu-2",
+        tier=1,
+        current_load=0.15,
+        active_requests=2,
+        loaded_models=("llama3.2",),
+        specialization="vllm",
+        capabilities=("ocr", "vllm"),
+    ),
+)
+"""The design's scenario 1: GPU-1 is the OCR specialist with llama-vision loaded, GPU-2 the
+vllm specialist with llama3.2 and two active requests."""
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from coordinator.heartbeat import Heartbeat
 from coordinator.registry import Registry
 from coordinator.scoring import FACTORS
 from coordinator.settings import CoordinatorSettings
-from tests.conftest import ROOT, WorkerFactory, free_port, wait_for
+from tests.conftest import ROOT, SCENARIO_1, WorkerFactory, free_port, wait_for
 from tests.test_router import queued_task_names
 from worker_tasks.app import FleetApp
 from worker_tasks.simulated_ollama import SimulatedModelServer
@@ -62,29 +62,9 @@ def lasting(registry: Registry) -> Registry:
 
 @pytest.fixture
 def scenario_1(lasting: Registry) -> Registry:
-    """The design's scenario 1 (as in test_router): GPU-1 is the OCR specialist with
-    llama-vision loaded; GPU-2 the vllm specialist with llama3.2 and two requests."""
-    lasting.publish(
-        Heartbeat(
-            worker_id="gpu-1",
-            tier=1,
-            current_load=0.20,
-            loaded_models=("llama-vision",),
-            specialization="ocr",
-            capabilities=("ocr", "vllm"),
-        )
-    )
-    lasting.publish(
-        Heartbeat(
-            worker_id="gpu-2",
-            tier=1,
-            current_load=0.15,
-            active_requests=2,
-            loaded_models=("llama3.2",),
-            specialization="vllm",
-            capabilities=("ocr", "vllm"),
-        )
-    )
+    """The design's scenario 1 (tests.conftest.SCENARIO_1), with a long TTL."""
+    for heartbeat in SCENARIO_1:
+        lasting.publish(heartbeat)
     return lasting
 
 

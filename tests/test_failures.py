@@ -28,6 +28,7 @@ from worker_tasks.tasks import generate
 
 pytestmark = pytest.mark.e2e
 QUEUED = 50
+UNTRUSTED = "pickle"  # what an attacker with write access to Redis would send
 
 
 def generate_requests(*servers: SimulatedModelServer) -> int:
@@ -198,7 +199,7 @@ def test_a_pickled_task_is_refused(
         producer.publish(
             ((), {"prompt": "pwned", "model": "llama3.2"}, {}),
             routing_key=queue,
-            serializer="pickle",
+            serializer=UNTRUSTED,
             headers=headers,
         )
     wait_for(lambda: "pickle" in worker.log(), 20, "the worker to refuse the pickle")

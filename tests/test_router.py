@@ -17,7 +17,7 @@ from coordinator.decisions import Decision
 from coordinator.heartbeat import Heartbeat
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
-from tests.conftest import free_port
+from tests.conftest import SCENARIO_1, free_port
 from worker_tasks.app import FleetApp, create_app
 
 GENERATE, OCR, EMBED = "worker_tasks.generate", "worker_tasks.ocr", "worker_tasks.embed"
@@ -41,28 +41,9 @@ def send(app: FleetApp, name: str, *args: Any, **options: Any) -> None:
 
 @pytest.fixture
 def scenario_1(registry: Registry) -> None:
-    """The design's scenario 1: GPU-1 is the OCR specialist with llama-vision loaded."""
-    registry.publish(
-        Heartbeat(
-            worker_id="gpu-1",
-            tier=1,
-            current_load=0.20,
-            loaded_models=("llama-vision",),
-            specialization="ocr",
-            capabilities=("ocr", "vllm"),
-        )
-    )
-    registry.publish(
-        Heartbeat(
-            worker_id="gpu-2",
-            tier=1,
-            current_load=0.15,
-            active_requests=2,
-            loaded_models=("llama3.2",),
-            specialization="vllm",
-            capabilities=("ocr", "vllm"),
-        )
-    )
+    """The design's scenario 1 in the registry."""
+    for heartbeat in SCENARIO_1:
+        registry.publish(heartbeat)
 
 
 def test_scenario_1_ocr_goes_to_the_ocr_specialist(
