@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -139,6 +140,20 @@ def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
             )
         return await call_next(request)
 
+    @api.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back, and a NaN or a lone surrogate in it
+        # makes the answer itself fail (a 500). Name the field and the problem only.
+        detail = [
+            {
+                "loc": [_printable(part) for part in err.get("loc", ())],
+                "msg": _printable(err.get("msg", "")),
+                "type": err.get("type", ""),
+            }
+            for err in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
     @api.exception_handler(redis.RedisError)
     def _registry_down(request: Request, exc: Exception) -> JSONResponse:
         detail = _detail("registry", settings.registry_redis_url, exc)
@@ -234,6 +249,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to any interface
+
+
+def _printable(value: object) -> str | int:
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
 def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int = 8080) -> None:

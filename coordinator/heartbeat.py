@@ -23,7 +23,10 @@ TIER_NAMES: Final = {number: name for name, number in TIER_BY_NAME.items()}
 WorkerStatus = Literal["healthy", "degraded", "unhealthy", "draining"]
 ServiceStatus = Literal["healthy", "unhealthy"]
 WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:-]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=256)]
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_MODELS = 256
+"""With names of at most 128 characters, a full heartbeat stays below the size limit."""
+MAX_ACTIVE = 1_000_000
 
 
 class Heartbeat(BaseModel):
@@ -43,9 +46,9 @@ class Heartbeat(BaseModel):
     current_load: float = Field(default=0.0, ge=0.0, le=1.0, strict=True, description="0-1")
     available_memory: str | None = None
     gpu_utilization: float | None = Field(default=None, ge=0.0, le=100.0, strict=True)
-    active_requests: int = Field(default=0, ge=0, strict=True)
-    loaded_models: tuple[Name, ...] = Field(default=(), max_length=1024)
-    models_in_memory: tuple[Name, ...] = Field(default=(), max_length=1024)
+    active_requests: int = Field(default=0, ge=0, le=MAX_ACTIVE, strict=True)
+    loaded_models: tuple[Name, ...] = Field(default=(), max_length=MAX_MODELS)
+    models_in_memory: tuple[Name, ...] = Field(default=(), max_length=MAX_MODELS)
     specialization: Name | None = None
     services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
     tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE, strict=True)

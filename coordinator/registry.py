@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import redis
 
 from coordinator.errors import HeartbeatError
-from coordinator.heartbeat import Heartbeat, parse_heartbeat
+from coordinator.heartbeat import MAX_ACTIVE, Heartbeat, parse_heartbeat
 from coordinator.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ def redis_client(url: str, timeout_s: float) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         decode_responses=True,
+        # A corrupt (non-UTF-8) entry must reach the parser, which skips it, rather than
+        # fail the whole read in the client.
+        encoding_errors="replace",
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
@@ -116,8 +119,9 @@ class Snapshot:
 
 
 def _int(value: str) -> int:
+    # Only this project writes these counts, but a bad value must not break routing.
     try:
-        return max(int(value), 0)
+        return min(max(int(value), 0), MAX_ACTIVE)
     except ValueError:
         return 0
 

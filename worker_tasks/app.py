@@ -27,6 +27,11 @@ class FleetApp(Celery):
     runtime: WorkerRuntime | None = None
     """Set in a started worker's processes; ``None`` where tasks are only sent."""
 
+    def close(self) -> None:
+        """Write the router's buffered claims and decisions, then close as Celery does."""
+        self.router.claims.flush()
+        super().close()
+
 
 def create_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> FleetApp:
     """Build the app for ``settings``; nothing connects to Redis until it is used."""
