@@ -120,17 +120,26 @@ def _wait_for_fleet(registry: Any, procs: dict[str, subprocess.Popen[bytes]], lo
 
 
 @contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so a terminated demo cleans up like Ctrl-C."""
+def _signals_handled() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C; once cleaning up starts, neither interrupts again
+    (a second Ctrl-C, or a terminal's SIGINT to the whole process group, would otherwise
+    stop the cleanup halfway)."""
 
-    def handler(signum: int, frame: object) -> None:
+    def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run_demo(
@@ -140,7 +149,7 @@ def run_demo(
     console = Console()
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="aiq-demo-"))
-    with contextlib.ExitStack() as stack, _interruptible():
+    with _signals_handled(), contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         try:
             _run(console, stack, namespace, workdir, tasks, flower, flower_port, embedded)
@@ -148,6 +157,7 @@ def run_demo(
             console.print("\n[yellow]interrupted: stopping everything the demo started[/]")
             return 130
         finally:
+            _ignore_signals()  # restored by _signals_handled once everything is stopped
             console.print(f"[dim]cleaning up namespace {namespace} and {workdir}[/]")
     return 0
 
@@ -232,7 +242,9 @@ def _run(
     if flower:
         command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower"]
         command += [f"--port={flower_port}", "--address=127.0.0.1"]
+        # Loopback only, so its JSON API may go without a login, as the shared facts note.
         env = {**os.environ, "REDIS_URL": redis_url, "NAMESPACE": namespace}
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
         flower_proc = subprocess.Popen(  # noqa: S603
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
