@@ -143,6 +143,9 @@ class Reaper:
         """Move everything of a dead worker: its unacknowledged messages, then its queue."""
         report = ReapReport(worker_id)
         client = self.app.registry.client
+        # The router's snapshot may be older than the heartbeat's expiry: it could still
+        # list the dead worker and send its messages straight back.
+        self.app.router.refresh()
         for tag, entry in client.hscan_iter(UNACKED):
             try:
                 payload, _, routing_key = json.loads(entry)

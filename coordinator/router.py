@@ -151,6 +151,11 @@ class FleetRouter:
                 log.debug("  candidate %s", score.as_dict())
         return Route(queue, winner.worker_id)
 
+    def refresh(self) -> None:
+        """Take a registry snapshot now instead of reusing one up to ``refresh_s`` old."""
+        with self._lock:
+            self._refresh(self.clock())
+
     def explain(self, service: str, model: str | None) -> list[ScoreBreakdown]:
         """How every eligible worker scores right now, best first; claims nothing."""
         snapshot = self.registry.snapshot()

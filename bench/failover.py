@@ -1,0 +1,245 @@
+"""What a SIGKILLed worker costs: tasks lost (none), tasks run twice, and time.
+
+Starts one simulated Ollama server per worker (every request takes ``--task-ms``), three
+``celery -A worker_tasks worker -P solo`` subprocesses and a :class:`Reaper` in a thread of
+this process, as ``coordinator serve`` runs it. Each run sends ``--tasks`` ``generate`` tasks
+with plain ``.delay()`` (the router spreads them) and times the first send to the last
+result (``date_done``). Run A kills nobody; run B SIGKILLs the worker with the longest
+queue once half the results are in. Heartbeats are fast (interval 0.5 s, TTL 1.5 s, reaper
+grace 0.5 s) so the death is noticed within about 2.5 s.
+
+    .venv/bin/python -m bench.failover [--tasks 1000] [--task-ms 20] [--redis-url URL]
+
+Only keys under a fresh ``bench-<hex>`` namespace are written; all are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from coordinator.reaper import Reaper
+from coordinator.settings import CoordinatorSettings
+from worker_tasks.app import FleetApp, create_app
+from worker_tasks.simulated_ollama import SimulatedModelServer
+from worker_tasks.tasks import generate
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+WORKERS: Final = 3
+INTERVAL_S, TTL_S, GRACE_S = 0.5, 1.5, 0.5
+
+
+@dataclass
+class Run:
+    seconds: float = 0.0
+    lost: int = 0
+    twice: int = 0
+    kill_to_last_s: float | None = None
+    victim: str | None = None
+    held_at_kill: tuple[int, int] = (0, 0)
+    """The victim's messages right after the kill: queued, and unacknowledged."""
+    lost_prompts: list[str] = field(default_factory=list)
+    by_worker: Counter[str] = field(default_factory=Counter)
+    requests: dict[str, int] = field(default_factory=dict)
+
+
+def start_workers(
+    app: FleetApp, servers: list[SimulatedModelServer], logdir: Path
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Start one worker per server; return once all heartbeat offering ``vllm``."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for index, server in enumerate(servers):
+        worker_id = f"bench-w{index + 1}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "REDIS_URL": app.settings.redis_url,
+            "NAMESPACE": app.settings.namespace,
+            "WORKER_ID": worker_id,
+            "WORKER_TIER": "cpu",
+            "OLLAMA_URL": server.url,
+            "EMBEDDINGS_URL": server.url,
+            "OCR_URL": server.url,
+            "HEARTBEAT_INTERVAL_S": str(INTERVAL_S),
+            "HEARTBEAT_TTL_S": str(TTL_S),
+        }
+        command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "worker", "-n"]
+        command += [f"{worker_id}@%h", "-P", "solo", "-l", "WARNING", "--without-mingle"]
+        command += ["--without-gossip"]
+        with (logdir / f"{worker_id}.log").open("ab") as log_file:
+            procs[worker_id] = subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+            )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs.values()):
+            raise RuntimeError(f"a worker exited early; logs in {logdir}")
+        live = {hb.worker_id for hb in app.registry.live_workers() if "vllm" in hb.capabilities}
+        if live == set(procs):
+            return procs
+        time.sleep(0.1)
+    raise RuntimeError(f"workers did not all register; logs in {logdir}")
+
+
+def run(
+    app: FleetApp,
+    servers: list[SimulatedModelServer],
+    procs: dict[str, subprocess.Popen[bytes]],
+    tasks: int,
+    kill_at: int | None,
+    timeout_s: float,
+) -> Run:
+    """Send ``tasks`` tasks, optionally SIGKILL a worker after ``kill_at`` results."""
+    client, ns, out = app.registry.client, app.settings.namespace, Run()
+    served = dict(zip(procs, servers, strict=True))  # worker id -> its model server
+    before = {w: s.request_count("POST", "/api/generate") for w, s in served.items()}
+    started = time.time()
+    ids = {generate.delay(f"task {n}").id: n for n in range(tasks)}
+    app.router.claims.flush()
+    pending, done_at, killed_at = dict(ids), [], None
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        keys = [f"{ns}:celery-task-meta-{task_id}" for task_id in pending]
+        for task_id, raw in zip(list(pending), client.mget(keys), strict=True):
+            meta = json.loads(raw) if raw else {}
+            if meta.get("status") != "SUCCESS":
+                continue
+            answer = meta["result"]
+            if not answer["response"].endswith(f": task {pending.pop(task_id)}"):
+                raise RuntimeError(f"wrong answer for {task_id}: {answer}")
+            out.by_worker[answer["worker_id"]] += 1
+            stamp = datetime.fromisoformat(meta["date_done"])
+            done_at.append((stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp())
+        if kill_at is not None and killed_at is None and tasks - len(pending) >= kill_at:
+            alive = [w for w, p in procs.items() if p.poll() is None]
+            out.victim = max(alive, key=lambda w: client.llen(app.settings.keys.worker_queue(w)))
+            killed_at = time.time()
+            os.kill(procs[out.victim].pid, signal.SIGKILL)
+            procs[out.victim].wait(timeout=10)
+            queue = app.settings.keys.worker_queue(out.victim)
+            unacked = [e for _, e in client.hscan_iter("unacked") if json.loads(e)[2] == queue]
+            out.held_at_kill = (client.llen(queue), len(unacked))
+        time.sleep(0.02)
+    consumer = getattr(app.backend, "result_consumer", None)
+    for task_id in ids:  # drop this process's result subscriptions
+        if consumer is not None:
+            consumer.cancel_for(task_id)
+    out.lost, out.lost_prompts = len(pending), [f"task {n}" for n in pending.values()]
+    last = max(done_at, default=time.time())
+    out.seconds = last - started
+    out.kill_to_last_s = None if killed_at is None else last - killed_at
+    out.requests = {
+        w: s.request_count("POST", "/api/generate") - before[w] for w, s in served.items()
+    }
+    out.twice = sum(out.requests.values()) - (tasks - out.lost)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--task-ms", type=float, default=20.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
+    args = parser.parse_args()
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    settings = CoordinatorSettings(
+        redis_url=args.redis_url,
+        namespace=namespace,
+        heartbeat_interval_s=INTERVAL_S,
+        heartbeat_ttl_s=TTL_S,
+        reaper_grace_s=GRACE_S,
+        registry_refresh_s=0.2,
+    )
+    app = create_app(settings, main=f"bench-{namespace}")
+    reaper_log = logging.handlers.BufferingHandler(10_000)  # what the reaper reports
+    logging.getLogger("coordinator.reaper").addHandler(reaper_log)
+    servers = [
+        SimulatedModelServer(f"model-{i + 1}", ["llama3.2"], models_in_memory=["llama3.2"])
+        for i in range(WORKERS)
+    ]
+    logdir = Path(tempfile.mkdtemp(prefix="bench-failover-logs-"))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stop = threading.Event()
+    reaper = threading.Thread(
+        target=Reaper(app, settings.grace_s).run, args=(INTERVAL_S, stop), name="reaper"
+    )
+    results: dict[str, Run] = {}
+    deleted, keep_logs = 0, True
+    try:
+        for server in servers:
+            server.start().set_fault(delay_s=args.task_ms / 1000)
+        procs = start_workers(app, servers, logdir)
+        reaper.start()
+        run(app, servers, procs, 60, None, args.timeout)  # untimed warm-up
+        results["A: no kill"] = run(app, servers, procs, args.tasks, None, args.timeout)
+        kill = run(app, servers, procs, args.tasks, args.tasks // 2, args.timeout)
+        results["B: kill -9 at midpoint"] = kill
+        keep_logs = bool(results["A: no kill"].lost or kill.lost)
+    finally:
+        stop.set()
+        reaper.join(timeout=10)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        for server in servers:
+            server.stop()
+        client = app.registry.client
+        try:
+            for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+                deleted += client.unlink(key)
+        finally:
+            app.close()
+            if not keep_logs:
+                shutil.rmtree(logdir, ignore_errors=True)
+
+    print(
+        f"\n{args.tasks} generate tasks of {args.task_ms:.0f} ms, {WORKERS} workers (-P solo); "
+        f"heartbeat {INTERVAL_S} s, TTL {TTL_S} s, reaper grace {GRACE_S} s every {INTERVAL_S} s"
+    )
+    print(f"{'run':<24}{'seconds':>9}{'lost':>6}{'twice':>7}  per worker: results/model calls")
+    for name, r in results.items():
+        split = ", ".join(f"{w} {r.by_worker[w]}/{n}" for w, n in r.requests.items())
+        print(f"{name:<24}{r.seconds:>9.2f}{r.lost:>6}{r.twice:>7}  {split}")
+    a, b = results["A: no kill"], results["B: kill -9 at midpoint"]
+    print(f"\nslowdown B/A: {b.seconds / a.seconds:.2f}x; killed {b.victim}; ", end="")
+    print(f"kill -9 to last completion: {b.kill_to_last_s or 0.0:.2f} s")
+    print(f"{b.victim} held at the kill: {b.held_at_kill[0]} queued + {b.held_at_kill[1]} unacked")
+    for record in reaper_log.buffer:
+        print(f"reaper: {record.getMessage()}")
+    for name, r in results.items():
+        if r.lost:
+            print(f"{name}: never finished: {', '.join(r.lost_prompts[:10])}")
+    print(f"os.cpu_count() = {os.cpu_count()}: the workers, Redis and this process share them")
+    verdict = "none lost" if a.lost == b.lost == 0 else f"LOST {a.lost} + {b.lost}"
+    print(f"{verdict}; cleaned up {deleted} keys under {namespace}")
+    if keep_logs:
+        print(f"worker logs kept in {logdir}")
+
+
+if __name__ == "__main__":
+    main()
