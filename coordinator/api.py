@@ -264,8 +264,7 @@ def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int =
         ConfigError: no ``COORDINATOR_API_TOKEN`` and ``host`` is not a loopback address.
     """
     secret = settings.coordinator_api_token
-    token = secret.get_secret_value() if secret is not None else None
-    token = token or None
+    token = (secret.get_secret_value() if secret is not None else "") or None
     if token is None:
         if not is_loopback(host):
             raise ConfigError(

@@ -33,7 +33,9 @@ import redis
 from coordinator.broadcast import RUN_JOB, select_recipients
 from coordinator.catalog import detect_required_model, task_spec
 from coordinator.claims import CLAIM_HEADER
+from coordinator.heartbeat import Heartbeat
 from coordinator.jobs import JOB_TYPES
+from coordinator.router import Route
 
 if TYPE_CHECKING:
     from coordinator.settings import CoordinatorSettings
@@ -84,12 +86,6 @@ class ReapReport:
     """Messages another reaper (or the worker itself) took first."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    queue: str
-    worker_id: str | None
-
-
 @dataclass
 class Reaper:
     """Finds dead workers and moves their messages; one :meth:`scan` per interval."""
@@ -100,6 +96,8 @@ class Reaper:
     move_delay_s: float = 0.0
     """Pause between two moves; only tests use it, to kill a reaper halfway."""
     _missing_since: dict[str, float] = field(default_factory=dict)
+    _live: list[Heartbeat] = field(default_factory=list)
+    """The live fleet as read once at the start of a reap, for broadcast shards."""
     _reachable_since: float | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +144,7 @@ class Reaper:
         # The router's snapshot may be older than the heartbeat's expiry: it could still
         # list the dead worker and send its messages straight back.
         self.app.router.refresh()
+        self._live = self.app.registry.live_workers()
         for tag, entry in client.hscan_iter(UNACKED):
             try:
                 payload, _, routing_key = json.loads(entry)
@@ -211,7 +210,7 @@ class Reaper:
         else:
             report.moved[target.queue] = report.moved.get(target.queue, 0) + 1
 
-    def _target(self, payload: dict[str, Any]) -> Target | None:
+    def _target(self, payload: dict[str, Any]) -> Route | None:
         """Where a dead worker's message goes; ``None`` drops it."""
         headers = payload.get("headers") or {}
         task = str(headers.get("task", ""))
@@ -220,19 +219,19 @@ class Reaper:
         if spec is not None:
             kwargs = _body(payload)[1]
             route = self.app.router.route(task, spec.service, detect_required_model(task, kwargs))
-            return Target(route.queue, route.worker_id)
+            return Route(route.queue, route.worker_id)
         if task == RUN_JOB:
             args = _body(payload)[0]
             job = JOB_TYPES.get(args[0]) if args else None
             if job is None or job.mode == "replicated":
                 return None
             capability = args[4] if len(args) > 4 else None
-            live = select_recipients(self.app.registry.live_workers(), capability)
+            live = select_recipients(self._live, capability)
             if not live:
-                return Target(keys.default_queue, None)
+                return Route(keys.default_queue, None)
             best = min(live, key=lambda hb: hb.active_requests)
-            return Target(best.queue or keys.worker_queue(best.worker_id), None)
-        return Target(keys.default_queue, None)
+            return Route(best.queue or keys.worker_queue(best.worker_id), None)
+        return Route(keys.default_queue, None)
 
 
 def _body(payload: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -247,7 +246,7 @@ def _body(payload: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     return list(args), dict(kwargs)
 
 
-def _rewrite(payload: dict[str, Any], target: Target | None) -> str:
+def _rewrite(payload: dict[str, Any], target: Route | None) -> str:
     """The message pointed at its new queue and worker; '' when it is dropped."""
     if target is None:
         return ""

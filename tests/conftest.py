@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
+from coordinator.api import create_api
 from coordinator.heartbeat import Heartbeat
 from coordinator.registry import Registry, redis_client
 from coordinator.settings import CoordinatorSettings
@@ -330,3 +332,10 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def client(app: FleetApp) -> Iterator[TestClient]:
+    """The admin API over the test app, without a token."""
+    with TestClient(create_api(app, token=None)) as test_client:
+        yield test_client

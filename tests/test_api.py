@@ -35,12 +35,6 @@ GUARDED = [
 
 
 @pytest.fixture
-def client(app: FleetApp) -> Iterator[TestClient]:
-    with TestClient(create_api(app, token=None)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
 def guarded_client(app: FleetApp) -> Iterator[TestClient]:
     with TestClient(create_api(app, token=TOKEN)) as test_client:
         yield test_client

@@ -354,18 +354,9 @@ class Stage:
 
 
 @pytest.fixture
-def stage(registry: Registry, redis_conn: redis.Redis, app: FleetApp) -> Iterator[Stage]:
+def stage(registry: Registry, redis_conn: redis.Redis, app: FleetApp) -> Stage:
     app.router.refresh_s = 0  # every route() reads the registry afresh
-    yield Stage(registry, redis_conn, app)
-    # The last route's claim is still buffered: written now, it is deleted with the
-    # namespace; written by the buffer's timer or at exit, it would outlive the test.
-    app.router.claims.flush()
-
-
-@pytest.fixture
-def client(app: FleetApp) -> Iterator[TestClient]:
-    with TestClient(create_api(app, token=None)) as test_client:
-        yield test_client
+    return Stage(registry, redis_conn, app)  # the app fixture's close() writes its claims
 
 
 @pytest.fixture

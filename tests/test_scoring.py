@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from coordinator.catalog import EMBED, GENERATE, OCR, detect_required_model
 from coordinator.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat
+from coordinator.scoring import FACTORS as SCORE_FACTORS
 from coordinator.scoring import (
     ScoreBreakdown,
     Weights,
@@ -32,16 +33,7 @@ from coordinator.scoring import (
 
 SERVICES = ("vllm", "ocr", "embeddings")
 MODELS = ("llama3.2", "llama-vision", "nomic-embed-text")
-FACTORS = (
-    "model_loaded",
-    "specialization",
-    "tier",
-    "service_health",
-    "cpu_load",
-    "active_requests",
-    "gpu_utilization",
-    "tiebreak",
-)
+FACTORS = SCORE_FACTORS[:-1]  # the points that add up to the total
 
 
 def hb(worker_id: str = "w", **fields: Any) -> Heartbeat:
