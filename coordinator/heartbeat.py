@@ -27,13 +27,17 @@ Name = Annotated[str, Field(min_length=1, max_length=128)]
 MAX_MODELS = 256
 """With names of at most 128 characters, a full heartbeat stays below the size limit."""
 MAX_ACTIVE = 1_000_000
+Bytes = Annotated[int, Field(ge=0, le=2**50, strict=True)]
+Seconds = Annotated[float, Field(ge=0.0, le=86_400.0, strict=True)]
 
 
 class Heartbeat(BaseModel):
     """One worker's state as last reported; the router's only view of the fleet.
 
-    The fields of the design document parse as they are; ``tier``, ``capabilities``,
-    ``queue``, ``models_in_memory`` and ``timestamp`` are additions. Unknown fields are
+    The fields of the design document parse as they are; ``loaded_models`` means on disk or
+    in memory (Ollama's ``/api/tags``), ``models_in_memory`` is Ollama's ``/api/ps``.
+    ``tier``, ``capabilities``, ``queue``, ``timestamp`` and the cost-aware routing fields
+    (``model_bytes`` .. ``download_bps``) are additions. Unknown fields are
     ignored so that newer workers can talk to older coordinators.
     """
 
@@ -55,6 +59,17 @@ class Heartbeat(BaseModel):
     capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
     queue: Name | None = None
     timestamp: float | None = Field(default=None, ge=0.0, strict=True, description="unix s")
+    # What the cost-aware policy reads (issue 6); absent from older workers' heartbeats.
+    model_bytes: dict[Name, Bytes] = Field(
+        default_factory=dict, max_length=MAX_MODELS, description="size of each model known"
+    )
+    service_s: dict[Name, Seconds] = Field(
+        default_factory=dict, max_length=MAX_MODELS, description="recent mean task seconds"
+    )
+    model_slots: int | None = Field(default=None, ge=1, le=1024, strict=True)
+    would_evict: Name | None = Field(default=None, description="evicted by the next load")
+    load_bps: float | None = Field(default=None, gt=0.0, strict=True, description="disk->memory")
+    download_bps: float | None = Field(default=None, gt=0.0, strict=True)
 
     @field_validator("tier", mode="before")
     @classmethod
@@ -68,6 +83,16 @@ class Heartbeat(BaseModel):
     def _normalize_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         names = (normalize_model(name) for name in value)
         return tuple(dict.fromkeys(name for name in names if name))
+
+    @field_validator("model_bytes", "service_s", mode="after")
+    @classmethod
+    def _normalize_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {normalize_model(name): v for name, v in value.items() if normalize_model(name)}
+
+    @field_validator("would_evict", mode="after")
+    @classmethod
+    def _normalize_victim(cls, value: str | None) -> str | None:
+        return normalize_model(value) or None if value is not None else None
 
     @model_validator(mode="after")
     def _capabilities_from_services(self) -> Heartbeat:

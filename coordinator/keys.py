@@ -18,6 +18,11 @@ key                                 type    contents
                                             looks here for workers that went silent
 ``{ns}:inflight``                   hash    worker_id -> tasks routed to the worker that
                                             have not finished yet (queued or running)
+``{ns}:leases``                     hash    JSON ``[model, worker_id]`` -> ``"ready_at
+                                            expires_at"`` (unix s): the worker is loading the
+                                            model, expected in memory at ``ready_at``; the
+                                            entry is void after ``expires_at`` and pruned by
+                                            the next lease taken
 ``{ns}:decisions``                  list    the last ``DECISIONS_KEPT`` routing decisions
                                             (JSON), newest first
 ``{ns}:metrics:{name}``             hash    monotonic counters for ``/metrics``: ``routed``
@@ -87,6 +92,11 @@ class Keys:
     def inflight(self) -> str:
         """The hash of tasks routed to each worker and not finished yet."""
         return f"{self._tag}:inflight"
+
+    @property
+    def leases(self) -> str:
+        """The hash of model loads under way: one cold load per model across the fleet."""
+        return f"{self._tag}:leases"
 
     @property
     def decisions(self) -> str:

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from coordinator.errors import ConfigError
 from coordinator.keys import Keys
+from coordinator.policies import POLICIES
 from coordinator.scoring import Weights
 
 _NAME = r"^[A-Za-z0-9_.@:-]+$"
@@ -29,6 +30,7 @@ class CoordinatorSettings(BaseSettings):
     namespace: str = Field(default="aiq", min_length=1, max_length=64, pattern=_NAME)
     heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
     heartbeat_ttl_s: float | None = Field(default=None, gt=0.0)
+    routing_policy: str = Field(default="cost", description="see coordinator.policies")
     score_weights: Weights = Field(default_factory=Weights)
     routing_seed: int | None = None
     registry_refresh_s: float = Field(default=1.0, ge=0.0)
@@ -39,6 +41,13 @@ class CoordinatorSettings(BaseSettings):
     reaper_grace_s: float | None = Field(default=None, ge=0.0)
     # SecretStr: never in a repr, a log line or an error message.
     coordinator_api_token: SecretStr | None = None
+
+    @field_validator("routing_policy", mode="after")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"expected one of {', '.join(POLICIES)}")
+        return value
 
     @model_validator(mode="after")
     def _ttl_outlives_interval(self) -> Self:
@@ -94,6 +103,12 @@ class WorkerSettings(CoordinatorSettings):
     chromadb_path: str = Field(default="./chroma-data", min_length=1)
     chromadb_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - served to the fleet
     chromadb_port: int = Field(default=8000, ge=1, le=65535)
+    worker_model_slots: int | None = Field(
+        default=None, ge=1, le=1024, description="models held in memory at once"
+    )
+    worker_download_bps: float | None = Field(
+        default=None, gt=0.0, description="bytes/s a model download is expected to reach"
+    )
 
     @property
     def served_chromadb_url(self) -> str | None:
