@@ -8,6 +8,7 @@ per decision (``FleetRouter.route`` called directly: wall and CPU, its batched R
 included). Results are ignored in both paths so only publishing is timed.
 
     .venv/bin/python -m bench.routing_overhead [--tasks 10000] [--rounds 3] [--workers 10,100]
+        [--policy cost]
 
 Only keys under a fresh ``bench-<hex>`` namespace are written, and all are deleted at the end.
 """
@@ -25,6 +26,7 @@ from typing import Any, Final
 import worker_tasks.tasks  # noqa: F401  (registers the model tasks with every app)
 from coordinator.catalog import EMBED, GENERATE, OCR
 from coordinator.heartbeat import Heartbeat
+from coordinator.policies import DEFAULT_POLICY, POLICIES
 from coordinator.settings import CoordinatorSettings
 from worker_tasks.app import FleetApp, create_app
 
@@ -44,12 +46,14 @@ def heartbeat(index: int) -> Heartbeat:
     """A varied, reproducible live worker that offers every service."""
     rng = random.Random(index)
     tier = 1 + index % 3
+    on_disk = rng.sample(MODELS, k=rng.randint(1, 3))
     return Heartbeat(
         worker_id=f"bench-w{index:03d}",
         current_load=round(rng.random(), 3),
         gpu_utilization=round(rng.uniform(0, 100), 1) if tier == 1 else None,
         active_requests=rng.randint(0, 4),
-        loaded_models=tuple(rng.sample(MODELS, k=rng.randint(1, 3))),
+        loaded_models=tuple(on_disk),
+        models_in_memory=tuple(on_disk[:1]),
         specialization=rng.choice((*SERVICES, None)),
         services_status=dict.fromkeys(SERVICES, "healthy"),
         tier=tier,
@@ -58,14 +62,17 @@ def heartbeat(index: int) -> Heartbeat:
 
 
 def set_fleet(app: FleetApp, size: int) -> None:
-    """Exactly ``size`` live workers, no in-flight counts, and a router that sees them now."""
+    """Exactly ``size`` live workers, no in-flight counts or leases, and a router that sees
+    them now."""
     registry = app.registry
     for hb in registry.live_workers():
         registry.remove(hb.worker_id)
     for index in range(size):
         registry.publish(heartbeat(index))
     app.router.claims.flush()
-    registry.client.delete(registry.keys.inflight)
+    # A fresh fleet each time: no counts, and no model loads under way (the cost policy's
+    # leases), so every configuration starts from the same cold state.
+    registry.client.delete(registry.keys.inflight, registry.keys.leases)
     app.router.refresh_s = 0.0
     app.router.route(GENERATE, "vllm", "llama3.2")  # takes a fresh snapshot
     app.router.refresh_s = 1.0
@@ -115,11 +122,15 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="10,100", help="fleet sizes, comma-separated")
+    parser.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES))
     args = parser.parse_args()
     sizes = [int(n) for n in args.workers.split(",")]
 
     namespace = f"bench-{uuid.uuid4().hex[:12]}"
-    app = create_app(CoordinatorSettings(redis_url=args.redis_url, namespace=namespace))
+    settings = CoordinatorSettings(
+        redis_url=args.redis_url, namespace=namespace, routing_policy=args.policy
+    )
+    app = create_app(settings)
     fixed = f"{namespace}.fixed"
     rates: dict[int, list[float]] = {size: [] for size in [0, *sizes]}
     costs: dict[int, list[tuple[float, float]]] = {size: [] for size in sizes}
@@ -146,7 +157,8 @@ def main() -> None:
         app.close()
 
     plain = statistics.median(rates[0])
-    print(f"\n{args.tasks} tasks x {args.rounds} rounds, {args.redis_url}; medians")
+    print(f"\n{args.tasks} tasks x {args.rounds} rounds, policy {args.policy}, {args.redis_url}")
+    print("medians:")
     print(
         f"{'configuration':<24}{'tasks/s':>9}{'ratio':>8}{'route wall µs':>15}{'route CPU µs':>14}"
     )

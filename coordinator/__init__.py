@@ -1,7 +1,8 @@
 """Model-aware routing of AI tasks over Celery + Redis.
 
-The policy (:mod:`coordinator.scoring`) is pure; the registry, router and (later) broadcast
-are thin layers around it.
+The routing policies (:mod:`coordinator.policies`, the design's table in
+:mod:`coordinator.scoring`) are pure; the registry, router and broadcast are thin layers
+around them.
 """
 
 from coordinator.catalog import detect_required_model

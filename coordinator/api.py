@@ -58,7 +58,8 @@ class ServicesResponse(BaseModel):
 
 
 class DecisionsResponse(BaseModel):
-    """``GET /api/admin/decisions``: newest first, each with its best score breakdowns."""
+    """``GET /api/admin/decisions``: newest first, each with its policy and the best
+    candidates' breakdowns."""
 
     decisions: list[Decision]
 

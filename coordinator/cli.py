@@ -27,10 +27,19 @@ from coordinator import admin
 from coordinator.catalog import TASKS, detect_required_model, task_spec
 from coordinator.errors import ConfigError, JobError
 from coordinator.heartbeat import Heartbeat
+from coordinator.policies import (
+    POLICIES,
+    CostPolicy,
+    LeastLoadedPolicy,
+    Policy,
+    SeedPolicy,
+    make_policy,
+)
 from coordinator.registry import Registry, redact_url, redis_client
 from coordinator.router import FleetRouter
-from coordinator.scoring import FACTORS, ROUTABLE_STATUSES, is_eligible
+from coordinator.scoring import ROUTABLE_STATUSES, is_eligible
 from coordinator.settings import CoordinatorSettings, load_settings
+from coordinator.simulate import add_arguments, run_command
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -102,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--flower", action="store_true", help="also start Flower")
     demo.add_argument("--flower-port", type=_positive(int), default=5555, help="(5555)")
+    simulation = "replay a request trace through every routing policy and compare them"
+    add_arguments(add("simulate", _simulate, simulation, json_flag=False))
     return parser
 
 
@@ -151,21 +162,27 @@ def _decisions(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     if args.json:
         return _print_json(admin.as_json(rows))
     table = _table(f"last {len(rows)} routing decisions", "time", "task", "model", "outcome")
-    for name in ("winner", "score", "runner-up"):
-        table.add_column(name, justify="right" if name == "score" else "left")
+    for name in ("policy", "winner", "total", "runner-up"):
+        table.add_column(name, justify="right" if name == "total" else "left")
     for d in rows:
         best = d.candidates[0] if d.candidates else None
         second = d.candidates[1] if len(d.candidates) > 1 else None
+        places = _decimals(d.policy)
         table.add_row(
             datetime.fromtimestamp(d.at).strftime("%Y-%m-%d %H:%M:%S"),
             d.task,
             d.model or "-",
             d.outcome,
+            d.policy,
             d.worker_id or f"({d.queue})",
-            f"{float(best['total']):.1f}" if best else "-",
-            f"{second['worker_id']} ({float(second['total']):.1f})" if second else "-",
+            _cell(best["total"], places) if best else "-",
+            f"{second['worker_id']} ({_cell(second['total'], places)})" if second else "-",
         )
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for name in sorted({d.policy for d in rows}):
+        unit = POLICIES[name].unit if name in POLICIES else "unknown to this version"
+        console.print(f"{name} totals: {unit}")
     return EXIT_OK
 
 
@@ -176,8 +193,9 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
         return _fail(f"unknown task {args.task!r}; known tasks: {known}", EXIT_USAGE)
     model = detect_required_model(args.task, {"model": args.model})
     registry = _registry(settings)
-    router = FleetRouter(registry=registry, weights=settings.score_weights)
-    ranked = router.explain(spec.service, model)  # the router's own scoring, no tiebreak drawn
+    policy = make_policy(settings.routing_policy, settings.score_weights)
+    router = FleetRouter(registry=registry, policy=policy)
+    ranked = router.explain(spec.service, model)  # the router's own ranking, no tiebreak drawn
     live = {hb.worker_id: hb for hb in registry.live_workers()}
     winner = ranked[0] if ranked else None
     if winner is None:
@@ -190,14 +208,16 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
         for worker_id, hb in sorted(live.items())
         if not is_eligible(hb, spec.service)
     }
-    tiebreak = settings.score_weights.tiebreak
-    close = len(ranked) > 1 and ranked[0].total - ranked[1].total < tiebreak
+    tiebreak = _tiebreak(policy)
+    close = len(ranked) > 1 and abs(ranked[0].total - ranked[1].total) < tiebreak
     if args.json:
         return _print_json(
             {
                 "task": args.task,
                 "service": spec.service,
                 "model": model,
+                "policy": policy.name,
+                "unit": policy.unit,
                 "winner": winner.worker_id if winner else None,
                 "queue": queue,
                 "candidates": [score.as_dict() for score in ranked],
@@ -208,14 +228,10 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
         )
     console = _console()
     title = f"{args.task} (service {spec.service}, model {model}): {len(ranked)} eligible"
-    table = _table(title, "#", "worker")
-    for factor in FACTORS:
-        table.add_column(factor.replace("_", " "), justify="right")
-    for rank, score in enumerate(ranked, 1):
-        points = (f"{getattr(score, factor) + 0.0:.1f}" for factor in FACTORS)  # no -0.0
-        table.add_row(str(rank), score.worker_id, *points)
-    if ranked:
-        console.print(table)
+    rows = [score.as_dict() for score in ranked]
+    console.print(f"policy {policy.name}: {policy.unit}")
+    if rows:
+        console.print(breakdown_table(title, rows, policy.name))
     for worker_id, reason in skipped.items():
         console.print(f"not eligible: {worker_id} ({reason})")
     if winner is None:
@@ -224,13 +240,50 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
             f"the shared fallback queue {queue}"
         )
         return EXIT_OK
-    console.print(f"winner: {winner.worker_id} with {winner.total:.1f} points -> queue {queue}")
+    places, unit = _decimals(policy.name), policy.unit.split(",")[0]
+    total = _cell(winner.total, places)
+    console.print(f"winner: {winner.worker_id} with {total} {unit} -> queue {queue}")
     if close:
         console.print(
             f"note: {ranked[1].worker_id} is within the router's random tiebreak "
-            f"(0-{tiebreak:g} points), so either may be chosen"
+            f"(0-{tiebreak:g} {unit}), so either may be chosen"
         )
     return EXIT_OK
+
+
+def breakdown_table(title: str, rows: Sequence[dict[str, float | str]], policy: str) -> Table:
+    """Breakdowns (``as_dict()`` of a policy's, or a decision's candidates), best first,
+    one column per factor of ``policy``."""
+    names = [name for name in rows[0] if name != "worker_id"] if rows else []
+    table = _table(title, "#", "worker")
+    for name in names:
+        text = isinstance(rows[0][name], str)
+        table.add_column(name.replace("_", " "), justify="left" if text else "right")
+    places = _decimals(policy)
+    for rank, row in enumerate(rows, 1):
+        cells = (_cell(row[name], places) if name in row else "-" for name in names)
+        table.add_row(str(rank), str(row.get("worker_id", "?")), *cells)
+    return table
+
+
+def _decimals(policy: str) -> int:
+    # Points are whole numbers but for load and the tiebreak; seconds need hundredths.
+    return 1 if policy == SeedPolicy.name else 2
+
+
+def _cell(value: float | str, places: int) -> str:
+    return value if isinstance(value, str) else f"{value + 0.0:.{places}f}"  # no -0.0
+
+
+def _tiebreak(policy: Policy[Any]) -> float:
+    """The most the router's random tiebreak adds to a total, which ``explain`` leaves out."""
+    if isinstance(policy, SeedPolicy):
+        return policy.weights.tiebreak
+    if isinstance(policy, CostPolicy):
+        return policy.tie_s
+    if isinstance(policy, LeastLoadedPolicy):
+        return 0.5  # its random half-request between equal loads
+    return 0.0
 
 
 def _why_not(hb: Heartbeat, service: str) -> str:
@@ -289,6 +342,13 @@ def _reaper(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
 
     run_reaper(settings, interval_s=args.interval)
     return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
+    try:
+        return run_command(args, settings.routing_policy)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
 
 
 def _demo(args: argparse.Namespace, settings: CoordinatorSettings) -> int:

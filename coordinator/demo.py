@@ -33,6 +33,7 @@ from rich.table import Table
 from coordinator import admin
 from coordinator.broadcast import broadcast
 from coordinator.catalog import EMBED, GENERATE, OCR
+from coordinator.cli import breakdown_table
 from coordinator.settings import CoordinatorSettings
 
 LOAD_DELAY_S: Final = 3.0
@@ -322,26 +323,9 @@ def _report(
         if decision.task in shown or decision.outcome != "routed":
             continue
         shown.add(decision.task)
-        t = Table(
-            title=f"Why {decision.task} (model {decision.model}) went to {decision.worker_id}"
-        )
-        for column in (
-            "worker",
-            "model",
-            "spec",
-            "tier",
-            "health",
-            "cpu",
-            "requests",
-            "gpu",
-            "tie",
-            "total",
-        ):
-            t.add_column(column, justify="right")
-        for c in decision.candidates:
-            t.add_row(str(c["worker_id"]), *(f"{float(c[f]):.1f}" for f in (
-                "model_loaded", "specialization", "tier", "service_health", "cpu_load",
-                "active_requests", "gpu_utilization", "tiebreak", "total")))  # fmt: skip
+        title = f"Why {decision.task} (model {decision.model}) went to {decision.worker_id}"
+        unit = f"{decision.policy}: {decision.unit or 'unknown policy'}"
+        t = breakdown_table(f"{title} ({unit})", decision.candidates, decision.policy)
         console.print(t)
 
     rr = _round_robin_loads(sent)

@@ -66,6 +66,9 @@ class Heartbeat(BaseModel):
     service_s: dict[Name, Seconds] = Field(
         default_factory=dict, max_length=MAX_MODELS, description="recent mean task seconds"
     )
+    mean_service_s: Seconds | None = Field(
+        default=None, description="recent mean task seconds, over all tasks"
+    )
     model_slots: int | None = Field(default=None, ge=1, le=1024, strict=True)
     would_evict: Name | None = Field(default=None, description="evicted by the next load")
     load_bps: float | None = Field(default=None, gt=0.0, strict=True, description="disk->memory")

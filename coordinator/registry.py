@@ -1,10 +1,14 @@
-"""The fleet registry in Redis: heartbeats with a TTL, in-flight counts, recent decisions."""
+"""The fleet registry in Redis: heartbeats with a TTL, in-flight counts, model-load leases,
+recent decisions."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -18,8 +22,8 @@ from coordinator.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# One round trip for the whole fleet: live heartbeats plus in-flight counts. Ids whose
-# heartbeat has expired are pruned here, so the index never grows without bound.
+# One round trip for the whole fleet: live heartbeats, in-flight counts and leases. Ids
+# whose heartbeat has expired are pruned here, so the index never grows without bound.
 _SNAPSHOT_LUA: Final = """
 local ids = redis.call('SMEMBERS', KEYS[1])
 local beats = {}
@@ -32,7 +36,7 @@ for _, id in ipairs(ids) do
     redis.call('SREM', KEYS[1], id)
   end
 end
-return {beats, redis.call('HGETALL', KEYS[2])}
+return {beats, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 """
 
 # Add a batch of claims, bump metric counters and keep decisions, as one command. ARGV:
@@ -76,7 +80,57 @@ return left
 """
 
 
+# Take a lease on loading a model, if the caller's view of its holders is current
+# (optimistic compare-and-set, so two routers cannot both start the first load). KEYS:
+# the leases hash. ARGV: now, model, worker, its field, its value, the hash's TTL, then
+# the holders the caller expects. Expired or unreadable entries of every model are pruned
+# on the way.
+# Returns 1 or 0 (taken or not), then the model's holders after the call as (worker,
+# ready_at) pairs.
+_LEASE_LUA: Final = """
+local now, model = tonumber(ARGV[1]), ARGV[2]
+local entries = redis.call('HGETALL', KEYS[1])
+local holders, current = {}, 0
+for i = 1, #entries, 2 do
+  local ready, expires = string.match(entries[i + 1], '^(%S+) (%S+)$')
+  local r, e = tonumber(ready), tonumber(expires)
+  if not r or not e or r ~= r or e ~= e or math.abs(r) == math.huge or e <= now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  else
+    local ok, key = pcall(cjson.decode, entries[i])
+    if ok and type(key) == 'table' and key[1] == model and type(key[2]) == 'string' then
+      holders[key[2]] = ready
+      current = current + 1
+    end
+  end
+end
+local expected = #ARGV - 6
+for i = 7, #ARGV do
+  if holders[ARGV[i]] == nil then
+    current = -1
+  end
+end
+local granted = 0
+if current == expected then
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[5])
+  if redis.call('TTL', KEYS[1]) < tonumber(ARGV[6]) then
+    redis.call('EXPIRE', KEYS[1], ARGV[6])
+  end
+  holders[ARGV[3]] = string.match(ARGV[5], '^(%S+)')
+  granted = 1
+end
+local out = {granted}
+for worker, ready in pairs(holders) do
+  out[#out + 1] = worker
+  out[#out + 1] = ready
+end
+return out
+"""
+
 MAX_DECISIONS_PER_WRITE: Final = 1000
+LEASES_KEPT_S: Final = 3600
+"""The leases hash outlives its longest lease by this much, then goes: a fleet that stops
+routing leaves nothing behind for good."""
 
 
 def redis_client(url: str, timeout_s: float) -> redis.Redis:
@@ -116,6 +170,51 @@ class Snapshot:
 
     heartbeats: tuple[Heartbeat, ...]
     in_flight: dict[str, int]
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Unexpired model loads, model -> {worker_id: ready_at}: the policies' ``Leases``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    """The answer to :meth:`Registry.acquire_lease`."""
+
+    granted: bool
+    holders: dict[str, float]
+    """The model's unexpired holders after the call -> ready_at: the caller's among them
+    when granted, else the ones that made the caller's view stale."""
+
+
+def lease_field(model: str, worker_id: str) -> str:
+    """The leases hash field of ``worker_id`` loading ``model`` (see :mod:`coordinator.keys`)."""
+    return json.dumps([model, worker_id], separators=(",", ":"))
+
+
+def _leases(flat: Sequence[str], now: float) -> dict[str, dict[str, float]]:
+    leases: dict[str, dict[str, float]] = {}
+    for key, value in zip(flat[::2], flat[1::2], strict=True):
+        # Only routers write here, but a bad entry must cost its own lease, not routing.
+        try:
+            model, worker_id = json.loads(key) if key.startswith("[") else (None, None)
+            ready_text, expires_text = value.split()
+            ready_at, expires_at = float(ready_text), float(expires_text)
+        except (ValueError, TypeError):
+            continue
+        if (
+            isinstance(model, str)
+            and isinstance(worker_id, str)
+            and math.isfinite(ready_at)
+            and expires_at > now
+        ):
+            leases.setdefault(model, {})[worker_id] = ready_at
+    return leases
+
+
+def _ready_at(text: str, now: float) -> float:
+    try:
+        ready_at = float(text)
+    except ValueError:
+        return now
+    return ready_at if math.isfinite(ready_at) else now
 
 
 def _int(value: str) -> int:
@@ -139,6 +238,7 @@ class Registry:
         self._snapshot_script = self.client.register_script(_SNAPSHOT_LUA)
         self._release_script = self.client.register_script(_RELEASE_LUA)
         self._claim_script = self.client.register_script(_CLAIM_LUA)
+        self._lease_script = self.client.register_script(_LEASE_LUA)
 
     def publish(self, heartbeat: Heartbeat) -> None:
         """Write one heartbeat; it disappears by itself ``ttl_s`` after the last write."""
@@ -166,14 +266,16 @@ class Registry:
         known = self.client.hgetall(self.keys.known)
         return {str(k): str(v) for k, v in known.items()}
 
-    def snapshot(self) -> Snapshot:
-        """Every live, well-formed heartbeat and the in-flight counts, in one round trip.
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """Every live, well-formed heartbeat, the in-flight counts and the leases unexpired
+        at ``now`` (unix s; default: this host's clock), in one round trip.
 
-        A malformed entry is skipped with a warning naming the worker (once per distinct
+        A malformed heartbeat is skipped with a warning naming the worker (once per distinct
         payload, so a broken worker does not flood the log at every refresh).
         """
-        beats, flight = self._snapshot_script(
-            keys=[self.keys.workers, self.keys.inflight], args=[self.keys.worker_prefix]
+        beats, flight, leases = self._snapshot_script(
+            keys=[self.keys.workers, self.keys.inflight, self.keys.leases],
+            args=[self.keys.worker_prefix],
         )
         heartbeats = []
         for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
@@ -182,7 +284,9 @@ class Registry:
             except HeartbeatError as exc:
                 self._warn_once(worker_id, raw, exc)
         in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
-        return Snapshot(tuple(heartbeats), in_flight)
+        return Snapshot(
+            tuple(heartbeats), in_flight, _leases(leases, time.time() if now is None else now)
+        )
 
     def live_workers(self) -> list[Heartbeat]:
         """Every live, well-formed heartbeat."""
@@ -213,6 +317,34 @@ class Registry:
             args += decisions[-min(keep, MAX_DECISIONS_PER_WRITE) :]
         flat = self._claim_script(keys=[self.keys.inflight, self.keys.decisions], args=args)
         return {str(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+    def acquire_lease(
+        self,
+        model: str,
+        worker_id: str,
+        ready_at: float,
+        expires_at: float,
+        expected_holders: frozenset[str],
+        now: float,
+    ) -> LeaseResult:
+        """Record that ``worker_id`` starts loading ``model`` (in memory at ``ready_at``,
+        void after ``expires_at``), if ``expected_holders`` are exactly the model's unexpired
+        holders at ``now``: the caller decided on a current view. Otherwise nothing is
+        written and the current holders come back, for the caller to decide again.
+        """
+        args: list[str | float | int] = [
+            repr(now),
+            model,
+            worker_id,
+            lease_field(model, worker_id),
+            f"{ready_at!r} {expires_at!r}",
+            max(math.ceil(expires_at - now), 0) + LEASES_KEPT_S,
+            *sorted(expected_holders),
+        ]
+        flat = self._lease_script(keys=[self.keys.leases], args=args)
+        pairs = zip(flat[1::2], flat[2::2], strict=True)
+        holders = {str(worker): _ready_at(str(ready), now) for worker, ready in pairs}
+        return LeaseResult(bool(int(flat[0])), holders)
 
     def release(self, worker_id: str) -> int:
         """One task claimed for ``worker_id`` finished; returns the count left."""

@@ -15,6 +15,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat
+from coordinator.policy import NO_LEASES, Breakdown, Leases, Policy
 
 ROUTABLE_STATUSES: Final = frozenset({"healthy", "degraded"})
 
@@ -269,3 +270,39 @@ def select_best_worker(
     if not best:
         return None
     return next(c.heartbeat for c in pool if c.heartbeat.worker_id == best[0].worker_id)
+
+
+@dataclass
+class SeedPolicy(Policy[Candidate]):
+    """The design document's scoring table (:mod:`coordinator.scoring`)."""
+
+    name = "seed"
+    factors = FACTORS
+    unit = "points, highest wins"
+    weights: Weights = SEED_WEIGHTS
+
+    def prepare(
+        self,
+        heartbeats: Iterable[Heartbeat],
+        service: str,
+        model: str | None,
+        *,
+        leases: Leases = NO_LEASES,
+        now: float = 0.0,
+        demand: Mapping[str, float] | None = None,
+    ) -> list[Candidate]:
+        """The heartbeat-only factors of the table."""
+        return candidates(heartbeats, service, model, self.weights)
+
+    def rank(
+        self,
+        pool: Sequence[Candidate],
+        *,
+        in_flight: Mapping[str, int] | None = None,
+        rng: random.Random | None = None,
+        limit: int | None = None,
+    ) -> list[Breakdown]:
+        """Highest score first."""
+        return list(
+            rank_candidates(pool, weights=self.weights, in_flight=in_flight, rng=rng, limit=limit)
+        )

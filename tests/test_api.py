@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from coordinator.api import create_api, is_loopback, serve
 from coordinator.errors import ConfigError
 from coordinator.heartbeat import Heartbeat
+from coordinator.policies import CostPolicy
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
 from tests.conftest import WorkerFactory, free_port
@@ -140,9 +141,11 @@ def test_decisions_newest_first_with_breakdowns(
     generate = decisions[1]
     assert (generate["service"], generate["model"]) == ("vllm", "llama3.2")
     assert (generate["outcome"], generate["worker_id"]) == ("routed", "gpu-1")
+    assert (generate["policy"], generate["unit"]) == (CostPolicy.name, CostPolicy.unit)
     best = generate["candidates"][0]
     assert best["worker_id"] == "gpu-1"
-    assert best["model_loaded"] > 0
+    assert (best["state"], best["download_s"]) == ("disk", 0.0)  # llama3.2 is on its disk
+    assert best["load_s"] > 0
     assert "total" in best
 
     newest = client.get("/api/admin/decisions", params={"limit": 1}).json()["decisions"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ import redis
 
 from coordinator.cli import main
 from coordinator.heartbeat import Heartbeat
+from coordinator.policies import CostPolicy, SeedPolicy
 from coordinator.registry import Registry
 from coordinator.scoring import FACTORS
 from coordinator.settings import CoordinatorSettings
 from tests.conftest import ROOT, SCENARIO_1, WorkerFactory, free_port, wait_for
 from tests.test_router import queued_task_names
-from worker_tasks.app import FleetApp
+from worker_tasks.app import FleetApp, create_app
 from worker_tasks.simulated_ollama import SimulatedModelServer
 
 OCR, GENERATE, EMBED = "worker_tasks.ocr", "worker_tasks.generate", "worker_tasks.embed"
@@ -40,7 +42,7 @@ def run(
 ) -> Run:
     """``main(argv)`` with this test's Redis and namespace in the environment; returns
     the exit code, stdout and stderr."""
-    for name in ("REGISTRY_URL", "SCORE_WEIGHTS", "REDIS_TIMEOUT_S", "COLUMNS"):
+    for name in ("REGISTRY_URL", "SCORE_WEIGHTS", "ROUTING_POLICY", "REDIS_TIMEOUT_S", "COLUMNS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("REDIS_URL", settings.redis_url)
     monkeypatch.setenv("NAMESPACE", settings.namespace)
@@ -149,18 +151,34 @@ def test_decisions_table_and_json(
     )
     assert newest["queue"] == settings.keys.service_queue("embeddings")
     assert (oldest["task"], oldest["model"], oldest["worker_id"]) == (OCR, "llama-vision", "gpu-1")
-    assert [c["worker_id"] for c in oldest["candidates"]] == ["gpu-1", "gpu-2"]
+    assert (oldest["policy"], oldest["unit"], oldest["unnamed"]) == ("cost", CostPolicy.unit, None)
+    # The default (cost) policy's breakdowns, named: llama-vision is on gpu-1's disk (a
+    # load of the default 4 GB at 1 GB/s), and nowhere on gpu-2 (a download of it at the
+    # default 100 MB/s), which has two requests of the default 1 s ahead.
+    best, second = oldest["candidates"]
+    assert [best["worker_id"], second["worker_id"]] == ["gpu-1", "gpu-2"]
+    assert (best["state"], best["queue_s"], best["load_s"], best["download_s"]) == (
+        "disk",
+        0.0,
+        4.0,
+        0.0,
+    )
+    assert (second["state"], second["queue_s"], second["download_s"]) == ("absent", 2.0, 40.0)
+    assert set(best) == {"worker_id", *CostPolicy.factors}
     code, out, _ = run("decisions", "--limit", "1", "--json")
     assert [d["task"] for d in json.loads(out)] == [EMBED]
     code, out, _ = run("decisions")
     assert code == 0
     ocr_row = next(line for line in out.splitlines() if OCR in line)
-    for word in ("llama-vision", "routed", "gpu-1", "gpu-2 (", "17"):
+    total = f"{best['total']:.2f}"
+    for word in ("llama-vision", "routed", "cost", "gpu-1", total, "gpu-2 ("):
         assert word in ocr_row
+    assert f"cost totals: {CostPolicy.unit}" in out
     embed_row = next(line for line in out.splitlines() if EMBED in line)
     assert f"({settings.keys.service_queue('embeddings')})" in embed_row
 
 
+@pytest.mark.parametrize("policy", [SeedPolicy.name, CostPolicy.name])
 @pytest.mark.parametrize(
     ("task", "options", "kwargs", "expected"),
     [
@@ -170,30 +188,42 @@ def test_decisions_table_and_json(
 )
 def test_explain_matches_the_routers_choice(
     run: Run,
+    monkeypatch: pytest.MonkeyPatch,
     scenario_1: Registry,
-    app: FleetApp,
+    settings: CoordinatorSettings,
     redis_conn: redis.Redis,
+    policy: str,
     task: str,
     options: list[str],
     kwargs: dict[str, Any] | None,
     expected: str,
 ) -> None:
+    monkeypatch.setenv("ROUTING_POLICY", policy)
     code, out, _ = run("explain", task, *options, "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["winner"] == expected
+    assert (report["winner"], report["policy"]) == (expected, policy)
     totals = [c["total"] for c in report["candidates"]]
-    assert totals == sorted(totals, reverse=True)
-    assert all(set(FACTORS) <= set(c) for c in report["candidates"])
-    assert all(c["tiebreak"] == 0 for c in report["candidates"])
+    assert totals == sorted(totals, reverse=policy == SeedPolicy.name)
+    if policy == SeedPolicy.name:
+        assert all(set(FACTORS) <= set(c) for c in report["candidates"])
+        assert all(c["tiebreak"] == 0 for c in report["candidates"])
+    else:
+        assert all(set(CostPolicy.factors) <= set(c) for c in report["candidates"])
+        assert report["candidates"][0]["state"] == "disk"
     # The real router, with its random tiebreak, sends the task where explain said.
-    app.send_task(task, args=["aGk="], kwargs=kwargs)
+    app = create_app(settings.model_copy(update={"routing_policy": policy}), main="explained")
+    try:
+        app.send_task(task, args=["aGk="], kwargs=kwargs)
+    finally:
+        app.close()
     assert queued_task_names(redis_conn, report["queue"]) == [task]
 
 
 def test_explain_table_shows_every_factor_and_the_winner(
-    run: Run, scenario_1: Registry, settings: CoordinatorSettings
+    run: Run, monkeypatch: pytest.MonkeyPatch, scenario_1: Registry, settings: CoordinatorSettings
 ) -> None:
+    monkeypatch.setenv("ROUTING_POLICY", "seed")
     scenario_1.publish(embedder())
     scenario_1.publish(Heartbeat(worker_id="leaving", status="draining", capabilities=("ocr",)))
     code, out, _ = run("explain", OCR)
@@ -211,7 +241,10 @@ def test_explain_table_shows_every_factor_and_the_winner(
     assert "tiebreak" not in out.split("winner:")[1]  # 174 vs 15.5 is no close call
 
 
-def test_explain_warns_when_the_tiebreak_can_decide(run: Run, lasting: Registry) -> None:
+def test_explain_warns_when_the_tiebreak_can_decide(
+    run: Run, monkeypatch: pytest.MonkeyPatch, lasting: Registry
+) -> None:
+    monkeypatch.setenv("ROUTING_POLICY", "seed")
     lasting.publish(embedder("cpu-a"))
     lasting.publish(embedder("cpu-b"))
     code, out, _ = run("explain", EMBED)
@@ -219,6 +252,45 @@ def test_explain_warns_when_the_tiebreak_can_decide(run: Run, lasting: Registry)
     assert "within the router's random tiebreak (0-5 points)" in out
     _, out, _ = run("explain", EMBED, "--json")
     assert json.loads(out)["too_close_to_call"] is True
+
+
+def test_explain_table_of_the_cost_policy_shows_its_estimates_and_states(
+    run: Run, scenario_1: Registry, lasting: Registry, settings: CoordinatorSettings
+) -> None:
+    """The default policy: gpu-2 holds llama3.2 in memory, gpu-1 is loading it (a lease
+    due in 10 s) and gpu-3 has it on disk; the table names each state and estimate."""
+    lasting.publish(SCENARIO_1[1].model_copy(update={"models_in_memory": ("llama3.2",)}))
+    lasting.publish(
+        SCENARIO_1[0].model_copy(update={"worker_id": "gpu-3", "loaded_models": ("llama3.2",)})
+    )
+    now = time.time()
+    lasting.acquire_lease("llama3.2", "gpu-1", now + 10, now + 60, frozenset(), now)
+    code, out, _ = run("explain", GENERATE)
+    assert code == 0
+    assert f"policy cost: {CostPolicy.unit}" in out
+    for factor in CostPolicy.factors:
+        assert factor.replace("_", " ") in out
+    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if "│ gpu-" in line}
+    cells = {worker: [c.strip() for c in line.split("│")[3:-1]] for worker, line in rows.items()}
+    assert cells["gpu-2"][:2] == ["memory", "2.00"]  # two requests of 1 s ahead
+    assert cells["gpu-1"][0] == "loading"
+    assert 9.0 < float(cells["gpu-1"][1]) <= 10.0  # waits for the load under way
+    assert cells["gpu-3"][:4] == ["disk", "0.00", "0.00", "4.00"]
+    _, as_json, _ = run("explain", GENERATE, "--json")
+    report = json.loads(as_json)
+    assert (report["policy"], report["unit"], report["winner"]) == (
+        "cost",
+        CostPolicy.unit,
+        "gpu-2",
+    )
+    total = report["candidates"][0]["total"]
+    queue = settings.keys.worker_queue("gpu-2")
+    assert f"winner: gpu-2 with {total:.2f} estimated seconds to serve -> queue {queue}" in out
+    assert {c["worker_id"]: c["state"] for c in report["candidates"]} == {
+        "gpu-1": "loading",
+        "gpu-2": "memory",
+        "gpu-3": "disk",
+    }
 
 
 def test_explain_without_a_capable_worker_names_the_shared_queue(

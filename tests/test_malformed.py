@@ -185,6 +185,32 @@ INVALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "capabilities": bad_names(64),
     "queue": NON_STR | BAD_NAME,
     "timestamp": NON_NUMBER | NEGATIVE,
+    "model_bytes": st.none()
+    | st.booleans()
+    | st.integers()
+    | TEXT
+    | LISTS
+    | st.dictionaries(
+        st.just("m"),
+        NON_NUMBER | NEGATIVE | st.just(1.5) | st.integers(min_value=2**50 + 1),
+        min_size=1,
+    )
+    | st.just({"": 1}),
+    "service_s": st.none()
+    | st.booleans()
+    | FINITE
+    | TEXT
+    | LISTS
+    | st.dictionaries(
+        st.just("m"),
+        NON_NUMBER | NEGATIVE | st.floats(min_value=86_400.5, allow_infinity=False),
+        min_size=1,
+    ),
+    "mean_service_s": NON_NUMBER | NEGATIVE | st.integers(min_value=86_401),
+    "model_slots": NON_NUMBER | st.just(1.5) | st.integers(max_value=0) | st.integers(1025),
+    "would_evict": NON_STR | BAD_NAME,
+    "load_bps": NON_NUMBER | NEGATIVE | st.just(0),
+    "download_bps": NON_NUMBER | NEGATIVE | st.just(0.0),
 }
 assert set(INVALID) == set(FIELDS)
 
@@ -205,6 +231,19 @@ VALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "capabilities": st.lists(st.text(min_size=1, max_size=12), max_size=4),
     "queue": st.none() | st.text(min_size=1, max_size=20),
     "timestamp": st.none() | st.floats(min_value=0.0, allow_infinity=False) | st.integers(0),
+    "model_bytes": st.dictionaries(
+        st.text(min_size=1, max_size=20), st.integers(0, 2**50), max_size=3
+    ),
+    "service_s": st.dictionaries(
+        st.text(min_size=1, max_size=20),
+        st.floats(0.0, 86_400.0) | st.integers(0, 86_400),
+        max_size=3,
+    ),
+    "mean_service_s": st.none() | st.floats(0.0, 86_400.0),
+    "model_slots": st.none() | st.integers(1, 1024),
+    "would_evict": st.none() | st.text(min_size=1, max_size=20),
+    "load_bps": st.none() | st.floats(1e-3, 1e12) | st.integers(1, 10**12),
+    "download_bps": st.none() | st.floats(1e-3, 1e12) | st.integers(1, 10**12),
 }
 assert set(VALID) == set(FIELDS)
 
@@ -338,7 +377,9 @@ class Stage:
         """Delete every key an earlier example wrote, then publish GOOD again."""
         keys = self.registry.keys
         stale = [keys.worker(wid) for wid in self.written]
-        self.redis_conn.delete(keys.workers, keys.known, keys.inflight, keys.decisions, *stale)
+        self.redis_conn.delete(
+            keys.workers, keys.known, keys.inflight, keys.decisions, keys.leases, *stale
+        )
         self.written.clear()
         self.registry.publish(GOOD)
         self.written.add("good")

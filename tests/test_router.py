@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import redis
 
 from coordinator.decisions import Decision
 from coordinator.heartbeat import Heartbeat
+from coordinator.policies import SeedPolicy
 from coordinator.registry import Registry
 from coordinator.settings import CoordinatorSettings
 from tests.conftest import SCENARIO_1, free_port
@@ -40,6 +42,15 @@ def send(app: FleetApp, name: str, *args: Any, **options: Any) -> None:
 
 
 @pytest.fixture
+def seed_app(settings: CoordinatorSettings) -> Iterator[FleetApp]:
+    """An app routing by the design's scoring table (``ROUTING_POLICY=seed``), whose
+    scenarios these tests check."""
+    seeded = create_app(settings.model_copy(update={"routing_policy": SeedPolicy.name}))
+    yield seeded
+    seeded.close()
+
+
+@pytest.fixture
 def scenario_1(registry: Registry) -> None:
     """The design's scenario 1 in the registry."""
     for heartbeat in SCENARIO_1:
@@ -47,13 +58,14 @@ def scenario_1(registry: Registry) -> None:
 
 
 def test_scenario_1_ocr_goes_to_the_ocr_specialist(
-    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+    seed_app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
+    app = seed_app
     send(app, OCR, "aGVsbG8=")
     assert queued_task_names(redis_conn, settings.keys.worker_queue("gpu-1")) == [OCR]
     assert redis_conn.llen(settings.keys.worker_queue("gpu-2")) == 0
     decision = Decision.model_validate_json(flushed_decisions(app)[0]).model_dump()
-    assert decision["worker_id"] == "gpu-1"
+    assert (decision["worker_id"], decision["policy"]) == ("gpu-1", "seed")
     assert decision["outcome"] == "routed"
     best, runner_up = decision["candidates"]
     assert best["model_loaded"] == 100
@@ -70,8 +82,9 @@ def test_generate_with_a_model_goes_where_it_is_loaded(
 
 
 def test_scenario_2_the_less_loaded_worker_wins(
-    app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+    seed_app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
+    app = seed_app
     common: dict[str, Any] = {"tier": 1, "loaded_models": ["llama3.2"], "capabilities": ALL}
     registry.publish(
         Heartbeat.model_validate(
@@ -184,6 +197,8 @@ def test_a_burst_from_three_processes_spreads_over_equal_workers(
                 worker_id=worker_id,
                 tier=1,
                 loaded_models=("nomic-embed-text",),
+                # In memory everywhere: no load to lease, only load to spread.
+                models_in_memory=("nomic-embed-text",),
                 capabilities=("embeddings",),
             )
         )

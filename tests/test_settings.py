@@ -12,6 +12,7 @@ import socket
 import pytest
 
 from coordinator.errors import ConfigError
+from coordinator.policies import POLICIES
 from coordinator.scoring import Weights
 from coordinator.settings import CoordinatorSettings, WorkerSettings, load_settings
 
@@ -22,6 +23,7 @@ VARIABLES = (
     "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_TTL_S",
     "SCORE_WEIGHTS",
+    "ROUTING_POLICY",
     "ROUTING_SEED",
     "WORKER_ID",
     "WORKER_TIER",
@@ -56,6 +58,7 @@ def test_coordinator_defaults() -> None:
     assert s.heartbeat_ttl_s == 90.0
     assert s.ttl_s == 90.0
     assert s.score_weights == Weights()
+    assert s.routing_policy == "cost"
     assert s.routing_seed is None
     assert s.decisions_kept == 1000
 
@@ -180,6 +183,7 @@ def test_coordinator_ignores_worker_variables(monkeypatch: pytest.MonkeyPatch) -
         ({"DECISIONS_KEPT": "-5"}, "DECISIONS_KEPT", "-5"),
         ({"PROBE_TIMEOUT_S": "0"}, "PROBE_TIMEOUT_S", "0"),
         ({"SCORE_WEIGHTS": "[1, 2]"}, "SCORE_WEIGHTS", "[1, 2]"),
+        ({"ROUTING_POLICY": "fastest"}, "ROUTING_POLICY", "fastest"),
     ],
 )
 def test_bad_value_raises_config_error_naming_variable_and_value(
@@ -192,6 +196,21 @@ def test_bad_value_raises_config_error_naming_variable_and_value(
     message = str(info.value)
     assert name in message
     assert bad in message
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_routing_policy_is_accepted(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv("ROUTING_POLICY", name)
+    assert load_settings(CoordinatorSettings).routing_policy == name
+
+
+def test_a_bad_routing_policy_lists_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTING_POLICY", "Cost")  # names are exact, as make_policy takes them
+    with pytest.raises(ConfigError) as info:
+        load_settings(CoordinatorSettings)
+    message = str(info.value)
+    assert "ROUTING_POLICY='Cost'" in message
+    assert all(name in message for name in POLICIES)
 
 
 def test_ttl_error_also_names_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
+from coordinator.policies import make_policy
 from coordinator.registry import Registry, redis_client
-from coordinator.router import FleetRouter
+from coordinator.router import FleetRouter, lease_grace_s
 from coordinator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
@@ -44,10 +45,11 @@ def create_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> 
     )
     app.router = FleetRouter(
         registry=app.registry,
-        weights=settings.score_weights,
+        policy=make_policy(settings.routing_policy, settings.score_weights),
         refresh_s=settings.registry_refresh_s,
         decisions_kept=settings.decisions_kept,
         rng=random.Random(settings.routing_seed),
+        lease_grace_s=lease_grace_s(settings.heartbeat_interval_s),
     )
     app.conf.update(
         # JSON only: a pickled message would run code chosen by whoever can write to Redis.

@@ -17,10 +17,17 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 
-from coordinator.heartbeat import TIER_BY_NAME, Heartbeat, ServiceStatus, WorkerStatus
+from coordinator.heartbeat import (
+    MAX_HEARTBEAT_BYTES,
+    TIER_BY_NAME,
+    Heartbeat,
+    ServiceStatus,
+    WorkerStatus,
+)
 from coordinator.registry import Registry
 from coordinator.settings import WorkerSettings
 from worker_tasks import system
+from worker_tasks.model_stats import ModelStats
 from worker_tasks.probes import ProbeResult, probe_services
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,7 @@ class HeartbeatSender:
     tier: str
     queue: str
     active_requests: Callable[[], int]
+    stats: ModelStats
     clock: Callable[[], float] = time.time
     _known: set[str] = field(default_factory=set, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -75,7 +83,20 @@ class HeartbeatSender:
     def refresh_probes(self) -> ProbeResult:
         """Probe now and use the result from the next heartbeat on."""
         self._probed = self.probe()
+        self.stats.sizes = self._probed.model_bytes
         return self._probed
+
+    def would_evict(self, probed: ProbeResult) -> str | None:
+        """The model the next load would push out of memory: the least recently used, once
+        ``WORKER_MODEL_SLOTS`` models are in memory; ``None`` while there is room.
+
+        A prediction: Ollama (``findRunnerToUnload``) unloads an idle model with the
+        shortest keep_alive, ties broken by model file path, neither of which ``/api/ps``
+        shows; the least recently used is the guess its ``expires_at`` allows.
+        """
+        slots = self.settings.worker_model_slots
+        in_memory = probed.models_in_memory
+        return in_memory[0] if slots is not None and len(in_memory) >= slots else None
 
     def build(self) -> Heartbeat:
         """This worker's heartbeat: measured now, with the latest probe result."""
@@ -92,7 +113,7 @@ class HeartbeatSender:
             if healthy
             else "unhealthy"
         )
-        return Heartbeat(
+        heartbeat = Heartbeat(
             worker_id=self.settings.worker_id,
             status=status,
             current_load=system.cpu_load(),
@@ -107,7 +128,15 @@ class HeartbeatSender:
             capabilities=capabilities,
             queue=self.queue,
             timestamp=self.clock(),
+            model_bytes=probed.model_bytes,
+            service_s=self.stats.service_s(),
+            mean_service_s=self.stats.mean_service_s(),
+            model_slots=self.settings.worker_model_slots,
+            would_evict=self.would_evict(probed),
+            load_bps=self.stats.load_bps(),
+            download_bps=self.settings.worker_download_bps,
         )
+        return _within_limit(heartbeat)
 
     def beat(self) -> Heartbeat | None:
         """Send one heartbeat; a Redis outage is logged, never raised."""
@@ -163,3 +192,21 @@ class HeartbeatSender:
                     self.wake()  # the fleet should learn of a change now, not next beat
             except Exception:
                 log.exception("probing the model services failed")
+
+
+def _within_limit(heartbeat: Heartbeat) -> Heartbeat:
+    """``heartbeat``, without the sizes and times of models not in memory if it is too big:
+    routing can do without those, not without the heartbeat (the registry skips one over
+    the limit)."""
+    if len(heartbeat.to_json().encode()) <= MAX_HEARTBEAT_BYTES:
+        return heartbeat
+    keep = set(heartbeat.models_in_memory)
+    slim = heartbeat.model_copy(
+        update={
+            "model_bytes": {m: b for m, b in heartbeat.model_bytes.items() if m in keep},
+            "service_s": {m: t for m, t in heartbeat.service_s.items() if m in keep},
+        }
+    )
+    if len(slim.to_json().encode()) > MAX_HEARTBEAT_BYTES:
+        log.warning("heartbeat of %s is over %d bytes", slim.worker_id, MAX_HEARTBEAT_BYTES)
+    return slim

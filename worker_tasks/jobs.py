@@ -155,7 +155,7 @@ def _embed_batch(
     url = ctx.settings.embeddings_url
     texts = [chunk.text for _, chunks in batch for chunk in chunks]
     try:
-        vectors = model_client.embed(ctx.http, url, model=model, texts=texts)
+        vectors = model_client.embed(ctx.http, url, model=model, texts=texts)["embeddings"]
     except CoordinatorError:
         if len(batch) == 1:
             doc, _ = batch[0]

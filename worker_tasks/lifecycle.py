@@ -18,17 +18,20 @@ from worker_tasks import system
 from worker_tasks.app import FleetApp
 from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat import HeartbeatSender
+from worker_tasks.model_stats import ModelStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class WorkerRuntime:
-    """This worker process's identity and heartbeat; set at start-up."""
+    """This worker process's identity, heartbeat and model statistics; set at start-up."""
 
     settings: WorkerSettings
     queue: str
     heartbeat: HeartbeatSender
+    stats: ModelStats
+    """Where tasks record their model calls; the heartbeat reports it."""
     chroma: ChromaServer | None = None
 
 
@@ -71,12 +74,15 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
         except ServiceError as exc:
             raise SystemExit(f"worker cannot start: {exc}") from None
     queue = app.settings.keys.worker_queue(settings.worker_id)
+    # Made before the pool forks, so that prefork children inherit its pipe.
+    stats = ModelStats()
     sender = HeartbeatSender(
         settings=settings,
         registry=app.registry,
         tier=tier,
         queue=queue,
         active_requests=_active_requests,
+        stats=stats,
     )
     capabilities = sender.capabilities(sender.refresh_probes())
     queues = app.amqp.queues
@@ -97,7 +103,9 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
         redact_url(app.settings.registry_redis_url),
         ",".join(sorted(queues.consume_from)),
     )
-    runtime = WorkerRuntime(settings=settings, queue=queue, heartbeat=sender, chroma=chroma)
+    runtime = WorkerRuntime(
+        settings=settings, queue=queue, heartbeat=sender, stats=stats, chroma=chroma
+    )
     app.runtime = runtime
     return runtime
 
@@ -122,6 +130,7 @@ def install(app: FleetApp) -> None:
         runtime, app.runtime = app.runtime, None
         if runtime is not None:
             runtime.heartbeat.stop(deregister=True)
+            runtime.stats.close()
             if runtime.chroma is not None:
                 runtime.chroma.stop()
 

@@ -73,10 +73,9 @@ def generate(
     return payload
 
 
-def embed(
-    client: httpx.Client, base_url: str, *, model: str, texts: list[str]
-) -> list[list[float]]:
-    """``POST /api/embed``: one vector per text, in order."""
+def embed(client: httpx.Client, base_url: str, *, model: str, texts: list[str]) -> dict[str, Any]:
+    """``POST /api/embed``: the answer, whose ``embeddings`` hold one vector per text, in
+    order, as lists of floats."""
     payload = post_json(
         client, f"{base_url.rstrip('/')}/api/embed", {"model": model, "input": texts}
     )
@@ -84,4 +83,5 @@ def embed(
     if not isinstance(vectors, list) or len(vectors) != len(texts):
         got = len(vectors) if isinstance(vectors, list) else vectors
         raise ServiceError(base_url, f"expected {len(texts)} embeddings, got {got!r}")
-    return [[float(x) for x in vector] for vector in vectors]
+    payload["embeddings"] = [[float(x) for x in vector] for vector in vectors]
+    return payload

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, NamedTuple
 
 import httpx
 
 from coordinator.catalog import normalize_model
+from coordinator.heartbeat import MAX_MODELS
 
 log = logging.getLogger(__name__)
+
+MAX_NAME: Final = 128
+"""The heartbeat's limit on a model name: a longer one could not be reported."""
+MAX_BYTES: Final = 2**50
+"""The heartbeat's limit on a model size."""
 
 
 @dataclass(frozen=True, slots=True)
 class OllamaState:
-    """What Ollama's ``/api/tags`` (on disk) and ``/api/ps`` (in memory) reported."""
+    """What Ollama's ``/api/tags`` (on disk) and ``/api/ps`` (in memory) reported.
+
+    ``in_memory`` is ordered by ``expires_at``, earliest first. Ollama moves a model's
+    expiry to now + keep_alive each time a request on it finishes, so with one keep_alive
+    for every model that is least recently used first. ``sizes`` are bytes per model:
+    ``/api/tags``'s file size where it lists the model (what a download or a load moves),
+    else ``/api/ps``'s (which also counts the context cache).
+    """
 
     healthy: bool
     on_disk: tuple[str, ...] = ()
     in_memory: tuple[str, ...] = ()
+    sizes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -38,16 +55,51 @@ class ProbeResult:
     services_status: dict[str, bool] = field(default_factory=dict)
     loaded_models: tuple[str, ...] = ()
     models_in_memory: tuple[str, ...] = ()
+    """Least recently used first (see :class:`OllamaState`)."""
+    model_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def _model_names(payload: object) -> tuple[str, ...]:
-    if not isinstance(payload, dict):
-        return ()
-    models = payload.get("models", [])
+class _Entry(NamedTuple):
+    name: str
+    size: int | None
+    expires: float
+
+
+def _name(value: object) -> str | None:
+    name = normalize_model(value) if isinstance(value, str) else ""
+    return name if name and len(name) <= MAX_NAME else None
+
+
+def _size(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if math.isfinite(value) and 0 < value <= MAX_BYTES else None
+
+
+def _expires(value: object) -> float:
+    """Unix time of an ``expires_at``; unknown ones sort last, as the least likely victims."""
+    if not isinstance(value, str):
+        return math.inf
+    try:
+        stamp = datetime.fromisoformat(value)
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        return math.inf
+
+
+def _entries(payload: object) -> list[_Entry]:
+    """The well-formed entries of an ``/api/tags`` or ``/api/ps`` answer; others skipped."""
+    models = payload.get("models") if isinstance(payload, dict) else None
     if not isinstance(models, list):
-        return ()
-    names = (m.get("name") or m.get("model") for m in models if isinstance(m, dict))
-    return tuple(normalize_model(n) for n in names if isinstance(n, str) and n)
+        return []
+    entries = []
+    for m in models:
+        if not isinstance(m, dict):
+            continue
+        name = _name(m.get("name")) or _name(m.get("model"))
+        if name is not None:
+            entries.append(_Entry(name, _size(m.get("size")), _expires(m.get("expires_at"))))
+    return entries
 
 
 def probe_ollama(client: httpx.Client, url: str) -> OllamaState:
@@ -57,11 +109,15 @@ def probe_ollama(client: httpx.Client, url: str) -> OllamaState:
         tags.raise_for_status()
         ps = client.get(f"{url}/api/ps")
         ps.raise_for_status()
-        on_disk, in_memory = _model_names(tags.json()), _model_names(ps.json())
-    except (httpx.HTTPError, ValueError) as exc:
+        on_disk, loaded = _entries(tags.json()), _entries(ps.json())
+    except (httpx.HTTPError, ValueError, RecursionError) as exc:  # JSON nested too deep
         return OllamaState(healthy=False, error=f"{type(exc).__name__}: {exc}")
-    # A model in memory is on disk too, whatever /api/tags said a moment earlier.
-    return OllamaState(True, tuple(dict.fromkeys(on_disk + in_memory)), in_memory)
+    in_memory = tuple(dict.fromkeys(e.name for e in sorted(loaded, key=lambda e: e.expires)))
+    sizes = {e.name: e.size for e in (*loaded, *on_disk) if e.size is not None}
+    # A model in memory is on disk too, whatever /api/tags said a moment earlier; listed
+    # first, so that a cap on the count keeps what routing needs most.
+    names = dict.fromkeys((*in_memory, *(e.name for e in on_disk)))
+    return OllamaState(True, tuple(names)[:MAX_MODELS], in_memory[:MAX_MODELS], sizes)
 
 
 def probe_health(client: httpx.Client, url: str) -> HealthState:
@@ -75,13 +131,12 @@ def probe_health(client: httpx.Client, url: str) -> HealthState:
         body = response.json()
     except ValueError:
         return HealthState(healthy=True)
-    models: list[str] = []
+    models: list[object] = []
     if isinstance(body, dict):
-        if isinstance(body.get("model"), str):
-            models.append(body["model"])
+        models.append(body.get("model"))
         if isinstance(body.get("models"), list):
-            models.extend(m for m in body["models"] if isinstance(m, str))
-    return HealthState(True, tuple(normalize_model(m) for m in models if m))
+            models.extend(body["models"])
+    return HealthState(True, tuple(n for m in models if (n := _name(m)) is not None))
 
 
 def probe_chromadb(client: httpx.Client, url: str) -> bool:
@@ -104,7 +159,8 @@ def probe_services(
     """Probe every service; a URL equal to Ollama's is served by that same Ollama.
 
     ``services_status`` maps each service of the catalogue (and ``chromadb`` when this
-    worker serves it) to whether it answered.
+    worker serves it) to whether it answered; ``model_bytes`` has the sizes Ollama reported
+    for the models on this host.
     """
     ollama = probe_ollama(client, ollama_url)
     if not ollama.healthy:
@@ -122,4 +178,6 @@ def probe_services(
         models.extend(state.models)
     if chromadb_url is not None:
         found["chromadb"] = probe_chromadb(client, chromadb_url)
-    return ProbeResult(found, tuple(dict.fromkeys(models)), ollama.in_memory)
+    on_host = tuple(dict.fromkeys(models))[:MAX_MODELS]
+    sizes = {m: b for m, b in ollama.sizes.items() if m in on_host}
+    return ProbeResult(found, on_host, ollama.in_memory, sizes)

@@ -12,9 +12,11 @@ plus ``GET /health``, the health endpoint of this project's embedding and OCR se
 
 Generated text is deterministic and echoes its inputs (``"[server] model: prompt"``) so tests
 and the demo can tell which server and model answered; embeddings are hashes of the text,
-not semantic. Token timings are simulated without sleeping; only
-``load_delay_s`` (model load) and the injected ``delay_s`` take real wall-clock time. Models
-never expire from memory on their own.
+not semantic. Token timings are simulated without sleeping, and so is a model load's
+``size / load_bps``; only ``load_delay_s`` (model load) and the injected ``delay_s`` take real
+wall-clock time. Models never expire from memory on their own; with ``max_loaded``
+(Ollama's ``OLLAMA_MAX_LOADED_MODELS``) loading one more evicts the least recently used,
+the one whose ``expires_at`` in ``/api/ps`` is earliest.
 
 Use it in-process::
 
@@ -81,6 +83,12 @@ def _normalize(name: str) -> str:
 
 def _now_iso(offset_s: float = 0.0) -> str:
     stamp = datetime.now(UTC) + timedelta(seconds=offset_s)
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
+def _iso_us(unix_us: int) -> str:
+    seconds, micros = divmod(unix_us, 1_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
     return stamp.isoformat().replace("+00:00", "Z")
 
 
@@ -277,6 +285,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fail_with is not None:
             self._send_json(fail_with, {"error": "injected"})
             return
+        garbled = fake._garbled(path)
+        if garbled is not None:
+            self._send_bytes(200, garbled)
+            return
         route = _ROUTES.get((method, path))
         if route is None:
             self._send_json(404, {"error": f"{method} {path} not found"})
@@ -327,7 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
         return payload
 
     def _send_json(self, status: int, payload: JSONObject) -> None:
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        self._send_bytes(status, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+    def _send_bytes(self, status: int, text: str) -> None:
+        data = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -408,7 +423,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
 
-        load_ns = fake._load(disk_name)
+        load_ns, simulated_ns = fake._load(disk_name)
         text = f"[{fake.name}] {model}: {prompt}"
         if images:
             text += f" images={len(images)}"
@@ -439,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
             {
                 # Wall-clock time plus the simulated token time, so the total is never less
                 # than the sum of its parts.
-                "total_duration": self._elapsed_ns() + prompt_eval_ns + eval_ns,
+                "total_duration": self._elapsed_ns() + simulated_ns + prompt_eval_ns + eval_ns,
                 "load_duration": load_ns,
                 "prompt_eval_count": prompt_eval_count,
                 "prompt_eval_duration": prompt_eval_ns,
@@ -482,13 +497,13 @@ class _Handler(BaseHTTPRequestHandler):
         disk_name = fake._resolve(model)
         if disk_name is None:
             raise _not_found(model)
-        load_ns = fake._load(disk_name)
+        load_ns, simulated_ns = fake._load(disk_name)
         self._send_json(
             200,
             {
                 "model": model,
                 "embeddings": [_embedding(text, fake.embedding_dim) for text in texts],
-                "total_duration": self._elapsed_ns(),
+                "total_duration": self._elapsed_ns() + simulated_ns,
                 "load_duration": load_ns,
                 "prompt_eval_count": sum(_word_count(text) for text in texts),
             },
@@ -545,7 +560,9 @@ class SimulatedModelServer:
     change them only through the HTTP API, and read them through :meth:`loaded_models`.
 
     A model that is on disk but not loaded is loaded by its first generate/embed request,
-    which then takes ``load_delay_s`` extra seconds and reports it as ``load_duration``.
+    which then takes ``load_delay_s`` extra seconds and reports it as ``load_duration``, plus
+    ``size / load_bps`` simulated seconds when ``load_bps`` is set. With ``max_loaded``, a
+    load that finds that many models in memory first evicts the least recently used one.
     """
 
     name: str
@@ -555,14 +572,20 @@ class SimulatedModelServer:
     port: int = 0
     load_delay_s: float = 0.0
     embedding_dim: int = 8
+    max_loaded: int | None = None
+    load_bps: float | None = None
 
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _fail_with: int | None = field(default=None, init=False, repr=False)
     _delay_s: float = field(default=0.0, init=False, repr=False)
+    _garbled_bodies: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _counts: Counter[tuple[str, str]] = field(default_factory=Counter, init=False, repr=False)
     _requested: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
     _modified_at: dict[str, str] = field(default_factory=dict, init=False, repr=False)
-    _expires_at: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    # Unix microseconds, distinct and increasing with each use: they order /api/ps and
+    # choose the victim of an eviction, so two uses never tie.
+    _expires_us: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _last_expiry_us: int = field(default=0, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _httpd: _Server | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -572,16 +595,23 @@ class SimulatedModelServer:
             raise ValueError("embedding_dim must be at least 1")
         if self.load_delay_s < 0:
             raise ValueError("load_delay_s must not be negative")
+        if self.max_loaded is not None and self.max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {self.max_loaded!r}")
+        if self.load_bps is not None and not (math.isfinite(self.load_bps) and self.load_bps > 0):
+            raise ValueError(f"load_bps must be a positive number, got {self.load_bps!r}")
         self.models_on_disk = list(dict.fromkeys(self.models_on_disk))
         self.models_in_memory = list(dict.fromkeys(self.models_in_memory))
         on_disk = {_normalize(m) for m in self.models_on_disk}
         missing = [m for m in self.models_in_memory if _normalize(m) not in on_disk]
         if missing:
             raise ValueError(f"models in memory but not on disk: {', '.join(missing)}")
+        if self.max_loaded is not None and len(self.models_in_memory) > self.max_loaded:
+            raise ValueError(f"more models in memory than max_loaded={self.max_loaded!r}")
         now = _now_iso()
-        expires = _now_iso(DEFAULT_KEEP_ALIVE_S)
         self._modified_at = {_normalize(m): now for m in self.models_on_disk}
-        self._expires_at = {_normalize(m): expires for m in self.models_in_memory}
+        # In list order: the first is the least recently used.
+        for m in self.models_in_memory:
+            self._expires_us[_normalize(m)] = self._next_expiry_us()
 
     def start(self) -> Self:
         """Start serving in a daemon thread and return ``self``.
@@ -642,6 +672,15 @@ class SimulatedModelServer:
             self._fail_with = fail_with
             self._delay_s = delay_s
 
+    def garble(self, path: str, body: str | None) -> None:
+        """Answer requests for ``path`` with ``body`` (HTTP 200, as JSON) instead of the
+        simulated answer, to test clients against a broken server; ``None`` restores it."""
+        with self._lock:
+            if body is None:
+                self._garbled_bodies.pop(path, None)
+            else:
+                self._garbled_bodies[path] = body
+
     def request_count(self, method: str, path: str) -> int:
         """How many requests were received for ``method`` and ``path`` (without query)."""
         with self._lock:
@@ -685,30 +724,50 @@ class SimulatedModelServer:
         with self._lock:
             return self._fail_with, self._delay_s
 
+    def _garbled(self, path: str) -> str | None:
+        with self._lock:
+            return self._garbled_bodies.get(path)
+
     def _resolve(self, model: str) -> str | None:
         wanted = _normalize(model)
         with self._lock:
             return next((m for m in self.models_on_disk if _normalize(m) == wanted), None)
 
-    def _load(self, disk_name: str) -> int:
-        """Load ``disk_name`` if needed; return the load time in nanoseconds."""
+    def _next_expiry_us(self) -> int:
+        # Under the lock (or before start): each use expires after every earlier one.
+        now_us = int((time.time() + DEFAULT_KEEP_ALIVE_S) * 1_000_000)
+        self._last_expiry_us = max(now_us, self._last_expiry_us + 1)
+        return self._last_expiry_us
+
+    def _load(self, disk_name: str) -> tuple[int, int]:
+        """Load ``disk_name`` if needed; return the load time in nanoseconds and the part of
+        it that was simulated (``size / load_bps``), not slept."""
         started = time.perf_counter_ns()
         with self._lock:
             loaded = disk_name in self.models_in_memory
         if not loaded and self.load_delay_s > 0:
             # Sleep outside the lock so other models keep answering meanwhile.
             self._stopping.wait(self.load_delay_s)
+        simulated_ns = 0
+        if not loaded and self.load_bps is not None:
+            simulated_ns = int(_model_entry(disk_name)["size"] / self.load_bps * 1e9)
         with self._lock:
             if disk_name not in self.models_in_memory:
+                while self.max_loaded is not None and len(self.models_in_memory) >= self.max_loaded:
+                    victim = min(
+                        self.models_in_memory, key=lambda m: self._expires_us[_normalize(m)]
+                    )
+                    self.models_in_memory.remove(victim)
+                    del self._expires_us[_normalize(victim)]
                 self.models_in_memory.append(disk_name)
-            self._expires_at[_normalize(disk_name)] = _now_iso(DEFAULT_KEEP_ALIVE_S)
-        return time.perf_counter_ns() - started
+            self._expires_us[_normalize(disk_name)] = self._next_expiry_us()
+        return time.perf_counter_ns() - started + simulated_ns, simulated_ns
 
     def _unload(self, disk_name: str) -> None:
         with self._lock:
             if disk_name in self.models_in_memory:
                 self.models_in_memory.remove(disk_name)
-            self._expires_at.pop(_normalize(disk_name), None)
+            self._expires_us.pop(_normalize(disk_name), None)
 
     def _add_to_disk(self, model: str) -> None:
         wanted = _normalize(model)
@@ -733,12 +792,12 @@ class SimulatedModelServer:
 
     def _memory_entries(self) -> list[JSONObject]:
         with self._lock:
-            names = list(self.models_in_memory)
-            expires = dict(self._expires_at)
+            expires = {m: self._expires_us[_normalize(m)] for m in self.models_in_memory}
         entries = []
-        for name in names:
+        # Ollama lists the longest time to expiry first: the most recently used.
+        for name, expiry_us in sorted(expires.items(), key=lambda item: -item[1]):
             entry = _model_entry(name)
-            entry["expires_at"] = expires.get(_normalize(name), _now_iso(DEFAULT_KEEP_ALIVE_S))
+            entry["expires_at"] = _iso_us(expiry_us)
             entry["size_vram"] = entry["size"]
             entries.append(entry)
         return entries
@@ -757,6 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--load-delay", type=float, default=0.0, help="model load seconds")
+    parser.add_argument(
+        "--load-bps", type=float, default=None, help="simulated load bandwidth (bytes/s)"
+    )
+    parser.add_argument(
+        "--max-loaded", type=int, default=None, help="models in memory at most (LRU evicted)"
+    )
     parser.add_argument("--embedding-dim", type=int, default=8)
     parser.add_argument("--fail-with", type=int, default=None, help="inject this HTTP status")
     parser.add_argument("--delay", type=float, default=0.0, help="inject this delay (s)")
@@ -771,6 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             load_delay_s=args.load_delay,
             embedding_dim=args.embedding_dim,
+            max_loaded=args.max_loaded,
+            load_bps=args.load_bps,
         )
         server.set_fault(fail_with=args.fail_with, delay_s=args.delay)
     except ValueError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,14 @@ class ModelTask(Task[Any, Any]):
         """A client with the model-call timeout."""
         return httpx.Client(timeout=settings.model_timeout_s)
 
+    def record(self, model: str, answer: Mapping[str, Any], started: float) -> None:
+        """Add a model call that began at ``started`` (``time.monotonic()``) to this worker's
+        model statistics, which its heartbeat reports; outside a started worker there are
+        none."""
+        runtime = getattr(self.app, "runtime", None)
+        if runtime is not None:
+            runtime.stats.record_answer(model, answer, time.monotonic() - started)
+
 
 def _text(value: object, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
@@ -110,9 +120,11 @@ def generate(
     settings = self.worker_settings()
     name = _model(model, TASKS[GENERATE].default_model)
     with self.http(settings) as client:
+        started = time.monotonic()
         answer = model_client.generate(
             client, settings.ollama_url, model=name, prompt=_text(prompt, "prompt"), options=options
         )
+    self.record(name, answer, started)
     return {
         "worker_id": settings.worker_id,
         "model": name,
@@ -135,9 +147,11 @@ def ocr(
     name = _model(model, TASKS[OCR].default_model)
     images = [_image_base64(image)]
     with self.http(settings) as client:
+        started = time.monotonic()
         answer = model_client.generate(
             client, settings.ocr_url, model=name, prompt=_text(prompt, "prompt"), images=images
         )
+    self.record(name, answer, started)
     return {"worker_id": settings.worker_id, "model": name, "text": answer["response"]}
 
 
@@ -158,5 +172,7 @@ def embed(
         )
     checked = [_text(item, "texts[]") for item in items]
     with self.http(settings) as client:
-        vectors = model_client.embed(client, settings.embeddings_url, model=name, texts=checked)
-    return {"worker_id": settings.worker_id, "model": name, "embeddings": vectors}
+        started = time.monotonic()
+        answer = model_client.embed(client, settings.embeddings_url, model=name, texts=checked)
+    self.record(name, answer, started)
+    return {"worker_id": settings.worker_id, "model": name, "embeddings": answer["embeddings"]}
