@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -288,37 +287,36 @@ class CostPolicy(Policy[CostCandidate]):
         get = (in_flight or {}).get
         jitter = self.tie_s if rng is not None else 0.0
         rand = rng.random if rng is not None else _zero
-        # The router's hot path: one flat pass, breakdowns only for what is returned.
-        # 'a if a > b else b' is max() without the call, which counts here.
+        # The router's hot path: one flat pass for the sort keys (jitter included), exact
+        # figures only for what is returned. 'a if a > b else b' is max() without the call,
+        # and sorted() beats heapq.nsmallest at fleet sizes: both count here.
         loads = [
             f if (f := get(c.worker_id, 0)) > c.active_requests else c.active_requests for c in pool
         ]
-        totals = [
+        keys = [
             (w if (w := c.per_request_s * n) > c.ready_in_s else c.ready_in_s)
             + c.fixed_s
             + c.hold_per_request_s * n
+            + rand() * jitter
             for c, n in zip(pool, loads, strict=True)
         ]
-        keys = [t + rand() * jitter for t in totals] if jitter else totals
-        order = (
-            sorted(range(len(pool)), key=keys.__getitem__)
-            if limit is None
-            else heapq.nsmallest(limit, range(len(pool)), key=keys.__getitem__)
-        )
+        order = sorted(range(len(pool)), key=keys.__getitem__)
         ranked: list[Breakdown] = []
-        for i in order:
-            c, behind_s = pool[i], pool[i].hold_per_request_s * loads[i]
+        for i in order if limit is None else order[:limit]:
+            c, n = pool[i], loads[i]
+            queue_s = max(c.per_request_s * n, c.ready_in_s)
+            behind_s = c.hold_per_request_s * n
             ranked.append(
                 Estimate(
                     worker_id=c.worker_id,
                     state=c.state,
-                    queue_s=totals[i] - c.fixed_s - behind_s,
+                    queue_s=queue_s,
                     download_s=c.download_s,
                     load_s=c.load_s,
                     evict_s=c.evict_s,
                     hold_s=c.hold_s + behind_s,
                     run_s=c.run_s,
-                    total=totals[i],
+                    total=queue_s + c.fixed_s + behind_s,
                 )
             )
         return ranked

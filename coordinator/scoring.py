@@ -6,7 +6,6 @@ explained from the heartbeats it was made on.
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,11 +223,8 @@ def rank_candidates(
         + rand() * tiebreak
         for c in pool
     ]
-    n = len(totals)
-    if limit is None:
-        order = sorted(range(n), key=totals.__getitem__, reverse=True)
-    else:
-        order = heapq.nlargest(limit, range(n), key=totals.__getitem__)
+    # sorted() beats heapq.nlargest at fleet sizes (a C sort of ~100 against Python).
+    order = sorted(range(len(totals)), key=totals.__getitem__, reverse=True)[:limit]
     ranked = []
     for i in order:
         c = pool[i]

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Final
 
@@ -29,19 +29,6 @@ from coordinator.simulator import CATALOG, FleetSpec, ModelSpec, RunResult, run
 from coordinator.traces import TraceRequest, assign_models, load_trace, synthetic_trace
 
 BASELINES: Final = ("random", "round_robin", "least_loaded", "p2c")
-METRICS: Final = (
-    "requests",
-    "cold_loads",
-    "cold_load_pct",
-    "downloads",
-    "reloads_after_eviction",
-    "p50_s",
-    "p95_s",
-    "p99_s",
-    "mean_slowdown",
-    "imbalance",
-    "throughput",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +49,9 @@ class RunStats:
     """Busiest worker's busy time over the mean busy time."""
     throughput: float
     """Requests per second, first arrival to last completion."""
+
+
+METRICS: Final = tuple(f.name for f in fields(RunStats))
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -229,10 +229,9 @@ def run(
         w.settle(now)
         name = job.model.name
         download = load = 0.0
+        # FIFO: the job that started a load has finished by now, so settle() put it in memory.
         if name in w.memory:
             w.memory.move_to_end(name)
-        elif w.loading is not None and w.loading[0] == name:
-            load = w.loading[1] - now  # a load still under way (cannot happen FIFO; safe)
         else:
             if name not in w.disk:
                 download = job.model.size_bytes / w.spec.download_bps
