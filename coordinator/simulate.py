@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import ConfigError
-from coordinator.policies import POLICIES, make_policy
+from coordinator.policies import POLICIES, CostPolicy, make_policy
 from coordinator.simulator import CATALOG, FleetSpec, ModelSpec, RunResult, run
 from coordinator.traces import TraceRequest, assign_models, load_trace, synthetic_trace
 
@@ -308,7 +308,7 @@ def run_command(args: argparse.Namespace, default_policy: str) -> int:
         known = {m.name for m in catalog}
         # A trace's own models join the catalogue, at the default size.
         catalog += [
-            ModelSpec(m, 4 * 10**9)
+            ModelSpec(m, CostPolicy.default_model_bytes)
             for m in sorted({r.model for r in trace if r.model is not None} - known)
         ]
     else:

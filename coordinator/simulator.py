@@ -25,6 +25,7 @@ from typing import Any, Final
 from coordinator.demand import Demand
 from coordinator.heartbeat import TIER_BY_NAME, Heartbeat
 from coordinator.policies import Leases, Policy
+from coordinator.router import lease_grace_s
 from coordinator.traces import TraceRequest
 
 GB: Final = 1_000_000_000
@@ -90,7 +91,6 @@ class FleetSpec:
     prefill_tps: float = 6000.0
     decode_tps: float = 600.0
     heartbeat_s: float = 2.0
-    lease_grace_s: float = 30.0
 
     def worker_specs(self) -> list[WorkerSpec]:
         """The workers, GPU tier first."""
@@ -221,6 +221,7 @@ def run(
     snapshot: list[Heartbeat] = []
     pools: dict[str, list[Any]] = {}
     demand = Demand()
+    grace_s = lease_grace_s(fleet.heartbeat_s)  # the router's rule, not a copy of it
     next_beat = 0.0
 
     def start(w: _Worker, now: float) -> None:
@@ -320,7 +321,7 @@ def run(
             ready_at = now + ready_in_s
             leases.setdefault(loaded, {})[winner.worker_id] = (
                 ready_at,
-                ready_at + fleet.lease_grace_s,
+                ready_at + grace_s,
             )
             pools.pop(loaded, None)
         w = index[winner.worker_id]
