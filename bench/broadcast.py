@@ -34,12 +34,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Final
 
-from coordinator.broadcast import BroadcastResult, broadcast_async
-from coordinator.rag import chroma_client
-from coordinator.settings import CoordinatorSettings
-from worker_tasks.app import FleetApp, create_app
+from coordinator.broadcast.client import BroadcastResult, broadcast_async
+from coordinator.broadcast.rag import chroma_client
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from worker_tasks.chroma_server import ChromaServer
-from worker_tasks.simulated_ollama import SimulatedModelServer
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EMBED_MODEL: Final = "nomic-embed-text"

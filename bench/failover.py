@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from coordinator.reaper import Reaper
-from coordinator.settings import CoordinatorSettings
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.recovery.reaper import Reaper
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from worker_tasks.tasks import generate
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def main() -> None:
     )
     app = create_app(settings, main=f"bench-{namespace}")
     reaper_log = logging.handlers.BufferingHandler(10_000)  # what the reaper reports
-    logging.getLogger("coordinator.reaper").addHandler(reaper_log)
+    logging.getLogger("coordinator.recovery.reaper").addHandler(reaper_log)
     servers = [
         SimulatedModelServer(f"model-{i + 1}", ["llama3.2"], models_in_memory=["llama3.2"])
         for i in range(WORKERS)

@@ -24,11 +24,11 @@ import uuid
 from typing import Any, Final
 
 import worker_tasks.tasks  # noqa: F401  (registers the model tasks with every app)
-from coordinator.catalog import EMBED, GENERATE, OCR
-from coordinator.heartbeat import Heartbeat
-from coordinator.policies import DEFAULT_POLICY, POLICIES
-from coordinator.settings import CoordinatorSettings
-from worker_tasks.app import FleetApp, create_app
+from coordinator.core.catalog import EMBED, GENERATE, OCR
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.routing import DEFAULT_POLICY, POLICIES
 
 RATIO_TARGET: Final = 0.85
 CPU_TARGET_US: Final = 100.0

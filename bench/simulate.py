@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.policies import DEFAULT_POLICY
-from coordinator.simulate import add_arguments, run_command
+from coordinator.routing import DEFAULT_POLICY
+from coordinator.sim.compare import add_arguments, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = ROOT.parent / "shared" / "traces" / "azure_llm_conv_2023.csv"

@@ -20,12 +20,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from coordinator.api import create_api
-from coordinator.heartbeat import Heartbeat
-from coordinator.registry import Registry, redis_client
-from coordinator.settings import CoordinatorSettings
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry, redis_client
+from coordinator.ops.api import create_api
+from coordinator.sim.servers.ollama import SimulatedModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0

@@ -11,15 +11,15 @@ import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from coordinator.api import create_api, is_loopback, serve
-from coordinator.errors import ConfigError
-from coordinator.heartbeat import Heartbeat
-from coordinator.policies import CostPolicy
-from coordinator.registry import Registry
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.errors import ConfigError
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry
+from coordinator.ops.api import create_api, is_loopback, serve
+from coordinator.routing import CostPolicy
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, free_port
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
 
 GENERATE, OCR = "worker_tasks.generate", "worker_tasks.ocr"
 TOKEN = "t0ken-for-tests-only"  # noqa: S105 - a test token
@@ -358,7 +358,7 @@ def test_serve_without_a_token_on_loopback_warns(
     fake_uvicorn: list[dict[str, Any]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="coordinator.api"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.ops.api"):
         serve(settings, host="127.0.0.1", port=8089)
     assert "serving without a token, loopback only" in caplog.text
     [call] = fake_uvicorn

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from coordinator.broadcast import broadcast, broadcast_async, send_control
-from coordinator.errors import JobError
-from coordinator.rag import chroma_client, search
-from coordinator.registry import Registry
-from coordinator.settings import CoordinatorSettings
+from coordinator.broadcast.client import broadcast, broadcast_async, send_control
+from coordinator.broadcast.rag import chroma_client, search
+from coordinator.core.errors import JobError
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, WorkerProcess, free_port, wait_for, wait_for_worker
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
 
 pytestmark = pytest.mark.e2e
 EMBED_MODEL = "nomic-embed-text"

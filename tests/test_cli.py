@@ -18,15 +18,15 @@ import pytest
 import redis
 
 from coordinator.cli import main
-from coordinator.heartbeat import Heartbeat
-from coordinator.policies import CostPolicy, SeedPolicy
-from coordinator.registry import Registry
-from coordinator.scoring import FACTORS
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry
+from coordinator.routing import CostPolicy, SeedPolicy
+from coordinator.routing.seed import FACTORS
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import ROOT, SCENARIO_1, WorkerFactory, free_port, wait_for
 from tests.test_router import queued_task_names
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
 
 OCR, GENERATE, EMBED = "worker_tasks.ocr", "worker_tasks.generate", "worker_tasks.embed"
 SECRET = "s3cret-Pa55word"  # noqa: S105 - a made-up password that must not leak

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-import coordinator.registry
-from coordinator.keys import Keys
-from coordinator.settings import CoordinatorSettings, WorkerSettings, load_settings
+import coordinator.fleet.registry
+from coordinator.core.keys import Keys
+from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -349,7 +349,7 @@ def test_worker_healthcheck_asks_for_its_own_heartbeat_key(
     name: str, present: bool, operator_env: dict[str, str], clean_env: pytest.MonkeyPatch
 ) -> None:
     """The healthcheck runs here against the real settings and key names, with a fake
-    ``coordinator.registry.redis_client`` standing in for Redis."""
+    ``coordinator.fleet.registry.redis_client`` standing in for Redis."""
     service = _services()[name]
     env = {key: _interpolate(value, DUMMY_ENV) for key, value in _environment(service).items()}
     env |= operator_env
@@ -369,7 +369,7 @@ def test_worker_healthcheck_asks_for_its_own_heartbeat_key(
         assert 0 < timeout_s < _seconds(service["healthcheck"]["timeout"])
         return FakeRedis(url)
 
-    clean_env.setattr(coordinator.registry, "redis_client", fake_client)
+    clean_env.setattr(coordinator.fleet.registry, "redis_client", fake_client)
     with pytest.raises(SystemExit) as exited:
         exec(_healthcheck_code(service), {})  # noqa: S102 - the healthcheck's own code
     assert exited.value.code == (0 if present else 1)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 from celery import chain, group
 
-from coordinator.errors import ServiceError
-from coordinator.registry import Registry
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.errors import ServiceError
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp
+from coordinator.fleet.registry import Registry
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, WorkerProcess, wait_for, wait_for_worker
-from worker_tasks.app import FleetApp
-from worker_tasks.simulated_ollama import SimulatedModelServer
 from worker_tasks.tasks import embed, generate, ocr
 
 pytestmark = pytest.mark.e2e

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from kombu import Connection, Exchange, Producer
 
-from coordinator.broadcast import broadcast_async
-from coordinator.rag import chroma_client
-from coordinator.reaper import Reaper
-from coordinator.registry import Registry, redis_client
-from coordinator.settings import CoordinatorSettings
+from coordinator.broadcast.client import broadcast_async
+from coordinator.broadcast.rag import chroma_client
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry, redis_client
+from coordinator.recovery.reaper import Reaper
+from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import PrivateRedis, WorkerFactory, wait_for, wait_for_worker
-from worker_tasks.app import FleetApp, create_app
-from worker_tasks.simulated_ollama import SimulatedModelServer
 from worker_tasks.tasks import generate
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Unit tests of the heartbeat model and its strict parser (``coordinator.heartbeat``).
+"""Unit tests of the heartbeat model and its strict parser (``coordinator.core.heartbeat``).
 
 The design document's heartbeat must parse as it is; anything a broken or hostile worker
 could write into Redis must be refused with a :class:`HeartbeatError` naming the worker
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.errors import HeartbeatError
-from coordinator.heartbeat import (
+from coordinator.core.errors import HeartbeatError
+from coordinator.core.heartbeat import (
     MAX_HEARTBEAT_BYTES,
     TIER_CPU,
     TIER_GPU,

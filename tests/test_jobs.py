@@ -1,4 +1,4 @@
-"""Unit tests of the broadcast job types (``coordinator.jobs``).
+"""Unit tests of the broadcast job types (``coordinator.broadcast.job_types``).
 
 Everything here is pure: job data is validated and split in memory, no Redis, Celery
 worker or ChromaDB server is involved. The ``rag_ingestion`` data has the issue's shape.
@@ -14,8 +14,7 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from coordinator.errors import CoordinatorError, JobError
-from coordinator.jobs import (
+from coordinator.broadcast.job_types import (
     JOB_TYPES,
     Document,
     JobData,
@@ -26,6 +25,7 @@ from coordinator.jobs import (
     shard_documents,
     summarize_ingestion,
 )
+from coordinator.core.errors import CoordinatorError, JobError
 
 RAG = job_type("rag_ingestion")
 

@@ -12,13 +12,19 @@ from typing import Any
 import pytest
 import redis
 
-from coordinator.decisions import Decision
-from coordinator.heartbeat import Heartbeat
-from coordinator.keys import Keys
-from coordinator.policies import CostPolicy
-from coordinator.registry import LEASES_KEPT_S, LeaseResult, Registry, lease_field, redis_client
-from coordinator.router import FleetRouter, Route
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.keys import Keys
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.router import FleetRouter, Route
+from coordinator.fleet.registry import (
+    LEASES_KEPT_S,
+    LeaseResult,
+    Registry,
+    lease_field,
+    redis_client,
+)
+from coordinator.routing import CostPolicy
+from coordinator.routing.decisions import Decision
 from tests.conftest import WAIT_S, PrivateRedis
 
 GENERATE = "worker_tasks.generate"
@@ -197,7 +203,7 @@ def test_redis_down_during_the_lease_still_routes_and_backs_off(
     router = cost_router(registry, seed=2)
     router.refresh()  # the snapshot is taken; only the lease meets the outage
     server.stop()
-    with caplog.at_level(logging.WARNING, logger="coordinator.router"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.dispatch.router"):
         routed = router(GENERATE, ["hi"], {"model": MODEL}, {})
     assert routed is not None
     assert routed["queue"] in (Keys(namespace).worker_queue("a"), Keys(namespace).worker_queue("b"))

@@ -6,11 +6,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from coordinator.api import MAX_BODY_BYTES, create_api
-from coordinator.broadcast import MAX_JOB_DATA_BYTES, broadcast
-from coordinator.errors import JobError, TaskInputError
-from coordinator.settings import CoordinatorSettings
-from worker_tasks.app import FleetApp
+from coordinator.broadcast.client import MAX_JOB_DATA_BYTES, broadcast
+from coordinator.core.errors import JobError, TaskInputError
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp
+from coordinator.ops.api import MAX_BODY_BYTES, create_api
 from worker_tasks.tasks import embed, generate, ocr
 
 

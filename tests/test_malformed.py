@@ -25,14 +25,19 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from coordinator.api import BroadcastRequest, create_api
-from coordinator.errors import HeartbeatError, JobError
-from coordinator.heartbeat import MAX_HEARTBEAT_BYTES, TIER_BY_NAME, Heartbeat, parse_heartbeat
-from coordinator.jobs import JOB_TYPES, job_type
-from coordinator.registry import Registry
-from coordinator.router import Route
-from coordinator.scoring import is_eligible
-from worker_tasks.app import FleetApp
+from coordinator.broadcast.job_types import JOB_TYPES, job_type
+from coordinator.core.errors import HeartbeatError, JobError
+from coordinator.core.heartbeat import (
+    MAX_HEARTBEAT_BYTES,
+    TIER_BY_NAME,
+    Heartbeat,
+    is_eligible,
+    parse_heartbeat,
+)
+from coordinator.dispatch.app import FleetApp
+from coordinator.dispatch.router import Route
+from coordinator.fleet.registry import Registry
+from coordinator.ops.api import BroadcastRequest, create_api
 
 GENERATE: Final = "worker_tasks.generate"
 BROADCAST: Final = "/api/coordinator/broadcast-job"

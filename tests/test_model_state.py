@@ -15,15 +15,15 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat
-from coordinator.registry import Registry
-from coordinator.settings import CoordinatorSettings, WorkerSettings
+from coordinator.core.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat
+from coordinator.core.settings import CoordinatorSettings, WorkerSettings
+from coordinator.dispatch.app import FleetApp
+from coordinator.fleet.registry import Registry
+from coordinator.sim.servers.ollama import SimulatedModelServer, _model_entry
 from tests.conftest import ROOT, WorkerFactory, free_port, wait_for
-from worker_tasks.app import FleetApp
-from worker_tasks.heartbeat import HeartbeatSender
+from worker_tasks.heartbeat_sender import HeartbeatSender
 from worker_tasks.model_stats import ModelStats, answer_times
 from worker_tasks.probes import probe_ollama, probe_services
-from worker_tasks.simulated_ollama import SimulatedModelServer, _model_entry
 from worker_tasks.tasks import generate
 
 GB = 1_000_000_000
@@ -121,7 +121,7 @@ def test_load_bps_sets_the_reported_load_duration_without_sleeping(
 
 def test_the_max_loaded_and_load_bps_flags(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "worker_tasks.simulated_ollama", "--name", "s"]
+    command = [sys.executable, "-m", "coordinator.sim.servers.ollama", "--name", "s"]
     command += ["--models", "a,b", "--loaded", "a", "--port", str(port)]
     command += ["--max-loaded", "1", "--load-bps", str(100 * GB)]
     with (tmp_path / "out").open("wb") as out:

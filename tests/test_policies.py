@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.cost import GB
-from coordinator.decisions import Decision
-from coordinator.errors import ConfigError
-from coordinator.heartbeat import Heartbeat
-from coordinator.policies import (
+from coordinator.core.errors import ConfigError
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.score_weights import Weights
+from coordinator.routing import (
     POLICIES,
     CostPolicy,
     Estimate,
@@ -29,7 +28,8 @@ from coordinator.policies import (
     SeedPolicy,
     make_policy,
 )
-from coordinator.scoring import Weights
+from coordinator.routing.cost import GB
+from coordinator.routing.decisions import Decision
 
 SERVICE = "vllm"
 MODEL = "m"

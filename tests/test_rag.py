@@ -1,5 +1,5 @@
-"""Unit tests of chunking (``coordinator.rag``) and the pure parts of broadcasting
-(``coordinator.broadcast``): choosing the recipients and gathering their answers.
+"""Unit tests of chunking (``coordinator.broadcast.rag``) and the pure parts of broadcasting
+(``coordinator.broadcast.client``): choosing the recipients and gathering their answers.
 
 Everything here is pure: no Redis, Celery worker or ChromaDB server is involved.
 
@@ -19,17 +19,17 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from coordinator.broadcast import (
+from coordinator.broadcast.client import (
     STATUS_CODES,
     BroadcastResult,
+    OutcomeStatus,
     WorkerOutcome,
-    WorkerStatus,
     gather,
     select_recipients,
 )
-from coordinator.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat
-from coordinator.jobs import job_type
-from coordinator.rag import Chunk, chunk_document, chunk_id, chunk_text
+from coordinator.broadcast.job_types import job_type
+from coordinator.broadcast.rag import Chunk, chunk_document, chunk_id, chunk_text
+from coordinator.core.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat
 
 FIRST_CHAR = 0x4E00  # CJK ideographs: ~20,000 non-whitespace characters to draw from
 
@@ -290,7 +290,7 @@ def test_select_recipients_is_sorted_by_worker_id() -> None:
 
 def outcome(
     worker_id: str,
-    status: WorkerStatus,
+    status: OutcomeStatus,
     result: dict[str, Any] | None = None,
     error: str | None = None,
 ) -> WorkerOutcome:
@@ -345,7 +345,7 @@ def test_gather_counts_and_aggregates_only_accepted_results() -> None:
         (["accepted", "accepted", "timeout"], 2, 1),
     ],
 )
-def test_gather_counts(statuses: list[WorkerStatus], successful: int, failed: int) -> None:
+def test_gather_counts(statuses: list[OutcomeStatus], successful: int, failed: int) -> None:
     outcomes = [outcome(f"w{i}", s, {"documents": 1, "chunks": 2}) for i, s in enumerate(statuses)]
     result = gather(job_type("rag_ingestion"), "b", outcomes)
     assert result.broadcasted_to == len(outcomes)

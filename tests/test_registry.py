@@ -8,9 +8,9 @@ import logging
 import pytest
 import redis
 
-from coordinator.heartbeat import Heartbeat
-from coordinator.registry import Registry, redact_url
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.fleet.registry import Registry, redact_url
 from tests.conftest import wait_for
 
 
@@ -65,7 +65,7 @@ def test_malformed_entries_are_skipped_with_a_warning_naming_the_worker(
     registry.publish(beat("good"))
     redis_conn.set(registry.keys.worker("bad"), raw, ex=30)
     redis_conn.sadd(registry.keys.workers, "bad")
-    with caplog.at_level(logging.WARNING, logger="coordinator.registry"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.fleet.registry"):
         live = registry.live_workers()
     assert [hb.worker_id for hb in live] == ["good"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -79,7 +79,7 @@ def test_the_same_malformed_entry_is_reported_once(
 ) -> None:
     redis_conn.set(registry.keys.worker("bad"), "{nope", ex=30)
     redis_conn.sadd(registry.keys.workers, "bad")
-    with caplog.at_level(logging.WARNING, logger="coordinator.registry"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.fleet.registry"):
         for _ in range(3):
             assert registry.live_workers() == []
     assert len(caplog.records) == 1

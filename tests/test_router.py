@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import redis
 
-from coordinator.decisions import Decision
-from coordinator.heartbeat import Heartbeat
-from coordinator.policies import SeedPolicy
-from coordinator.registry import Registry
-from coordinator.settings import CoordinatorSettings
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
+from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.fleet.registry import Registry
+from coordinator.routing import SeedPolicy
+from coordinator.routing.decisions import Decision
 from tests.conftest import SCENARIO_1, free_port
-from worker_tasks.app import FleetApp, create_app
 
 GENERATE, OCR, EMBED = "worker_tasks.generate", "worker_tasks.ocr", "worker_tasks.embed"
 ALL = ["vllm", "ocr", "embeddings"]
@@ -134,7 +134,7 @@ def test_no_capable_worker_falls_back_to_the_service_queue(
             services_status={"embeddings": "unhealthy"},
         )
     )
-    with caplog.at_level(logging.WARNING, logger="coordinator.router"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.dispatch.router"):
         send(app, EMBED, ["text"])
     assert queued_task_names(redis_conn, settings.keys.service_queue("embeddings")) == [EMBED]
     assert any("no live worker offers 'embeddings'" in r.getMessage() for r in caplog.records)

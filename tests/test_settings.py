@@ -1,4 +1,4 @@
-"""Unit tests of configuration from the environment (``coordinator.settings``).
+"""Unit tests of configuration from the environment (``coordinator.core.settings``).
 
 Every test starts from an environment without any of the project's variables, so the
 host's own REDIS_URL or WORKER_ID cannot leak in. No Redis is involved.
@@ -11,10 +11,10 @@ import socket
 
 import pytest
 
-from coordinator.errors import ConfigError
-from coordinator.policies import POLICIES
-from coordinator.scoring import Weights
-from coordinator.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.core.errors import ConfigError
+from coordinator.core.score_weights import Weights
+from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.routing import POLICIES
 
 VARIABLES = (
     "REDIS_URL",

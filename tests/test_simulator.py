@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.demand import Demand
-from coordinator.errors import ConfigError
-from coordinator.policies import POLICIES, CostPolicy, LeastLoadedPolicy, make_policy
-from coordinator.simulate import add_arguments, compare, quantile, run_command, stats
-from coordinator.simulator import CATALOG, FleetSpec, ModelSpec, run
-from coordinator.traces import (
+from coordinator.core.errors import ConfigError
+from coordinator.routing import POLICIES, CostPolicy, LeastLoadedPolicy, make_policy
+from coordinator.routing.demand import Demand
+from coordinator.sim.compare import add_arguments, compare, quantile, run_command, stats
+from coordinator.sim.simulator import CATALOG, FleetSpec, ModelSpec, run
+from coordinator.sim.traces import (
     TraceRequest,
     assign_models,
     load_trace,

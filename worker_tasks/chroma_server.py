@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from coordinator.errors import ServiceError
+from coordinator.core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

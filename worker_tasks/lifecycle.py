@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Task, signals
 from celery.worker import state
 
-from coordinator.broadcast import control_queue
-from coordinator.claims import CLAIM_HEADER
-from coordinator.errors import ConfigError, ServiceError
-from coordinator.registry import redact_url
-from coordinator.settings import WorkerSettings, load_settings
+from coordinator.broadcast.client import control_queue
+from coordinator.core.errors import ConfigError, ServiceError
+from coordinator.core.settings import WorkerSettings, load_settings
+from coordinator.fleet.claims import CLAIM_HEADER
+from coordinator.fleet.registry import redact_url
 from worker_tasks import system
-from worker_tasks.app import FleetApp
 from worker_tasks.chroma_server import ChromaServer
-from worker_tasks.heartbeat import HeartbeatSender
+from worker_tasks.heartbeat_sender import HeartbeatSender
 from worker_tasks.model_stats import ModelStats
+
+if TYPE_CHECKING:
+    from worker_tasks.worker_app import WorkerApp
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def _active_requests() -> int:
 
 
 def _own_queues(
-    app: FleetApp, settings: WorkerSettings, capabilities: tuple[str, ...]
+    app: WorkerApp, settings: WorkerSettings, capabilities: tuple[str, ...]
 ) -> list[str]:
     keys = app.settings.keys
     return [
@@ -51,7 +53,7 @@ def _own_queues(
     ]
 
 
-def start(app: FleetApp, instance: Any) -> WorkerRuntime:
+def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
     """Load worker settings, probe the services and choose the queues to consume."""
     try:
         settings = load_settings(WorkerSettings)
@@ -110,7 +112,7 @@ def start(app: FleetApp, instance: Any) -> WorkerRuntime:
     return runtime
 
 
-def install(app: FleetApp) -> None:
+def install(app: WorkerApp) -> None:
     """Connect the worker hooks of ``app``; harmless in processes that only send tasks."""
 
     @signals.celeryd_after_setup.connect(weak=False)

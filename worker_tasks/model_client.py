@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from coordinator.errors import ServiceError, ServiceUnavailableError
+from coordinator.core.errors import ServiceError, ServiceUnavailableError
 
 
 def get_json(client: httpx.Client, url: str) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Final, NamedTuple
 
 import httpx
 
-from coordinator.catalog import normalize_model
-from coordinator.heartbeat import MAX_MODELS
+from coordinator.core.catalog import normalize_model
+from coordinator.core.heartbeat import MAX_MODELS
 
 log = logging.getLogger(__name__)
 

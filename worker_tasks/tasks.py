@@ -13,17 +13,18 @@ import binascii
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from celery import Task, shared_task
+from celery.local import Proxy
 
-from coordinator.catalog import EMBED, GENERATE, OCR, TASKS, detect_required_model, task_spec
-from coordinator.claims import CLAIM_HEADER
-from coordinator.errors import ServiceUnavailableError, TaskInputError
-from coordinator.settings import WorkerSettings, load_settings
+from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS, detect_required_model, task_spec
+from coordinator.core.errors import ServiceUnavailableError, TaskInputError
+from coordinator.core.settings import WorkerSettings, load_settings
+from coordinator.dispatch.app import FleetApp, default_app
+from coordinator.fleet.claims import CLAIM_HEADER
 from worker_tasks import model_client
-from worker_tasks.app import FleetApp
 
 OCR_PROMPT = "Extract all text from this image. Answer with the text only."
 MAX_EMBED_TEXTS = 1024
@@ -109,7 +110,7 @@ def _image_base64(image: object) -> str:
 
 
 @shared_task(name=GENERATE, base=ModelTask, bind=True)
-def generate(
+def _generate(
     self: ModelTask,
     prompt: str,
     *,
@@ -135,7 +136,7 @@ def generate(
 
 
 @shared_task(name=OCR, base=ModelTask, bind=True)
-def ocr(
+def _ocr(
     self: ModelTask,
     image: str,
     *,
@@ -156,7 +157,7 @@ def ocr(
 
 
 @shared_task(name=EMBED, base=ModelTask, bind=True)
-def embed(
+def _embed(
     self: ModelTask,
     texts: list[str] | str,
     *,
@@ -176,3 +177,23 @@ def embed(
         answer = model_client.embed(client, settings.embeddings_url, model=name, texts=checked)
     self.record(name, answer, started)
     return {"worker_id": settings.worker_id, "model": name, "embeddings": answer["embeddings"]}
+
+
+def _fleet_task(name: str) -> ModelTask:
+    """The task ``name`` of the process's fleet app, looked up at each use.
+
+    Celery's own ``shared_task`` proxy looks in Celery's *current* app, which in a thread
+    other than the one that built the fleet app is Celery's fallback app (no router, broker
+    ``amqp://localhost``); :func:`~coordinator.dispatch.app.default_app` is the fleet's in
+    every thread, and is built from the environment on first use when the application has
+    not built one.
+    """
+    return cast(ModelTask, Proxy(lambda: default_app().tasks[name]))
+
+
+generate = _fleet_task(GENERATE)
+"""``generate.delay(prompt, model="llama3.2")``: routed to a worker with the model."""
+ocr = _fleet_task(OCR)
+"""``ocr.delay(base64_image)``: the text in an image."""
+embed = _fleet_task(EMBED)
+"""``embed.delay(["text", ...])``: one embedding per text."""

@@ -1,0 +1,168 @@
+"""Configuration from environment variables (pydantic-settings); see the README's table."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Annotated, Any, Final, Literal, Self, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from coordinator.core.errors import ConfigError
+from coordinator.core.keys import Keys
+from coordinator.core.score_weights import Weights
+
+_NAME = r"^[A-Za-z0-9_.@:-]+$"
+
+POLICY_NAMES: Final = ("random", "round_robin", "least_loaded", "p2c", "seed", "cost")
+"""Every ``ROUTING_POLICY``; :data:`coordinator.routing.POLICIES` has a class for each (tested),
+named here so that the settings need not import the policies."""
+
+
+class CoordinatorSettings(BaseSettings):
+    """What every process of the fleet needs: clients, routers and workers."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    redis_url: str = Field(default="redis://localhost:6379/0", min_length=1)
+    registry_url: str | None = Field(
+        default=None, description="Redis of the registry when it is not REDIS_URL"
+    )
+    namespace: str = Field(default="aiq", min_length=1, max_length=64, pattern=_NAME)
+    heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
+    heartbeat_ttl_s: float | None = Field(default=None, gt=0.0)
+    routing_policy: str = Field(default="cost", description="see coordinator.routing")
+    score_weights: Weights = Field(default_factory=Weights)
+    routing_seed: int | None = None
+    registry_refresh_s: float = Field(default=1.0, ge=0.0)
+    redis_timeout_s: float = Field(default=1.0, gt=0.0)
+    decisions_kept: int = Field(default=1000, ge=0)
+    chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
+    visibility_timeout_s: float = Field(default=3600.0, gt=0.0)
+    reaper_grace_s: float | None = Field(default=None, ge=0.0)
+    # SecretStr: never in a repr, a log line or an error message.
+    coordinator_api_token: SecretStr | None = None
+
+    @field_validator("routing_policy", mode="after")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"expected one of {', '.join(POLICY_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_outlives_interval(self) -> Self:
+        if self.heartbeat_ttl_s is None:
+            object.__setattr__(self, "heartbeat_ttl_s", 3 * self.heartbeat_interval_s)
+        elif self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"HEARTBEAT_TTL_S={self.heartbeat_ttl_s!r} must be longer than "
+                f"HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s!r}, or every worker "
+                "would drop out between two heartbeats"
+            )
+        return self
+
+    @property
+    def grace_s(self) -> float:
+        """How long the reaper waits after a heartbeat expired (default: one interval)."""
+        return self.heartbeat_interval_s if self.reaper_grace_s is None else self.reaper_grace_s
+
+    @property
+    def ttl_s(self) -> float:
+        """The heartbeat TTL, resolved."""
+        assert self.heartbeat_ttl_s is not None  # set by the validator
+        return self.heartbeat_ttl_s
+
+    @property
+    def keys(self) -> Keys:
+        """Key and queue names of this namespace."""
+        return Keys(self.namespace)
+
+    @property
+    def registry_redis_url(self) -> str:
+        """Where the registry lives."""
+        return self.registry_url or self.redis_url
+
+
+class WorkerSettings(CoordinatorSettings):
+    """What a worker host adds: who it is and where its model services are."""
+
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=128, pattern=_NAME
+    )
+    worker_tier: Literal["gpu", "cpu", "storage"] | None = Field(
+        default=None, description="detected when unset: gpu when NVML sees a device"
+    )
+    worker_specialization: str | None = None
+    worker_capabilities: Annotated[list[str] | None, NoDecode] = None
+    ollama_url: str = "http://localhost:11434"
+    embeddings_url: str = "http://localhost:8000"
+    ocr_url: str = "http://localhost:8001"
+    probe_timeout_s: float = Field(default=2.0, gt=0.0)
+    model_timeout_s: float = Field(default=300.0, gt=0.0)
+    enable_chromadb: bool = Field(default=False, description="serve ChromaDB (storage tier)")
+    chromadb_path: str = Field(default="./chroma-data", min_length=1)
+    chromadb_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - served to the fleet
+    chromadb_port: int = Field(default=8000, ge=1, le=65535)
+    worker_model_slots: int | None = Field(
+        default=None, ge=1, le=1024, description="models held in memory at once"
+    )
+    worker_download_bps: float | None = Field(
+        default=None, gt=0.0, description="bytes/s a model download is expected to reach"
+    )
+
+    @property
+    def served_chromadb_url(self) -> str | None:
+        """Where this worker's own ChromaDB answers, when it serves one."""
+        if not self.enable_chromadb:
+            return None
+        host = "127.0.0.1" if self.chromadb_host in ("0.0.0.0", "::") else self.chromadb_host  # noqa: S104
+        return f"http://{host}:{self.chromadb_port}"
+
+    @field_validator("worker_capabilities", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
+
+    @field_validator("worker_specialization", "worker_tier", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_tier", mode="before")
+    @classmethod
+    def _tier_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+S = TypeVar("S", bound=CoordinatorSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Read settings from the environment, turning validation errors into :class:`ConfigError`.
+
+    The message names each variable and the value it had, e.g.
+    ``WORKER_TIER='tpu': Input should be 'gpu', 'cpu' or 'storage'``.
+    """
+    try:
+        return cls()
+    except SettingsError as exc:
+        # Raised before validation when a JSON-valued variable is not JSON.
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = match.group(1).upper() if match else "?"
+        value = next((v for k, v in os.environ.items() if k.upper() == name), None)
+        raise ConfigError(f"invalid configuration: {name}={value!r}: not valid JSON") from None
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            if not err["loc"]:
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0]).upper()
+            inner = "".join(f"[{part!r}]" for part in err["loc"][1:])
+            problems.append(f"{name}{inner}={err.get('input')!r}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,357 @@
+"""The Celery router: ranks the live fleet with a routing policy and sends each model task
+to one worker's queue; when that starts a model load, it takes the model's lease first."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis
+
+from coordinator.core.catalog import detect_required_model, task_spec
+from coordinator.core.keys import Keys
+from coordinator.fleet import counters
+from coordinator.fleet.claims import CLAIM_HEADER, ClaimBuffer
+from coordinator.fleet.registry import Registry, Snapshot
+from coordinator.routing import Breakdown, CostPolicy, Policy
+from coordinator.routing.decisions import Outcome
+from coordinator.routing.demand import Demand
+from coordinator.routing.interface import MIN_LEASE_GRACE_S
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+KEPT_CANDIDATES: Final = 5
+"""Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
+
+WARN_EVERY_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one task goes, and whose in-flight count it was added to (``None``: nobody's)."""
+
+    queue: str
+    worker_id: str | None
+
+
+@dataclass
+class FleetRouter:
+    """A Celery router (``task_routes = [FleetRouter(...)]``) for the model tasks.
+
+    It ranks a registry snapshot at most ``refresh_s`` old with its ``policy`` and adds
+    each task to the chosen worker's in-flight count at once in its own view, so a burst
+    spreads over equal workers instead of herding onto the one the last heartbeat
+    favoured. The counts reach Redis in batches (:class:`ClaimBuffer`), where the other
+    publishers pick them up, and the worker takes its count down when the task finishes.
+
+    When the chosen worker would have to load the model (the policy's
+    :meth:`~coordinator.routing.Policy.starts_load`), the router first takes that model's
+    lease in Redis, so that a model in memory nowhere is loaded by one worker while the
+    tasks that follow, from every publisher, queue behind that load, unless the policy
+    estimates a second copy to be faster. The lease is a compare-and-set on the holders the
+    router knew of: when another router got there first, it re-ranks once with the fresh
+    holders and routes whatever wins then.
+
+    Redis errors never escape: the task goes to its service's shared queue (or, when only
+    the lease failed, to the chosen worker all the same) and the router leaves Redis alone
+    for ``retry_after_s``.
+    """
+
+    registry: Registry
+    policy: Policy[Any] = field(default_factory=CostPolicy)
+    refresh_s: float = 1.0
+    decisions_kept: int = 1000
+    retry_after_s: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Clock = time.monotonic
+    wall_clock: Clock = time.time
+    lease_grace_s: float = MIN_LEASE_GRACE_S
+    """A lease is void this long after its load should be done (see :func:`lease_grace_s`)."""
+    demand: Demand = field(default_factory=Demand)
+    """The models this router has been asked for: a policy may add copies of the busy
+    ones (each publisher sees its own share of the demand)."""
+
+    claims: ClaimBuffer = field(init=False, repr=False)
+    _snapshot: Snapshot | None = field(default=None, init=False, repr=False)
+    _snapshot_at: float = field(default=float("-inf"), init=False, repr=False)
+    _pools: dict[tuple[str, str | None], list[Any]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _in_flight: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _leases: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+    """The snapshot's leases, with the ones this router took or learnt of since."""
+    _down_until: float = field(default=float("-inf"), init=False, repr=False)
+    _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.claims = ClaimBuffer(self.registry, self.decisions_kept)
+
+    @property
+    def keys(self) -> Keys:
+        """The namespace's key and queue names."""
+        return self.registry.keys
+
+    def __call__(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        options: MutableMapping[str, Any],
+        task: Any = None,
+        **_: Any,
+    ) -> dict[str, Any] | None:
+        """Celery's router protocol: a route for model tasks, ``None`` for everything else."""
+        spec = task_spec(name)
+        if spec is None or options.get("queue"):
+            return None  # not ours, or the caller chose a queue: theirs wins
+        route = self.route(name, spec.service, detect_required_model(name, kwargs))
+        result: dict[str, Any] = {"queue": route.queue}
+        if route.worker_id is not None:
+            # The caller's options win over a route's keys, headers included, so a caller's
+            # own headers get the claim added in place.
+            headers = options.get("headers")
+            if isinstance(headers, dict):
+                headers[CLAIM_HEADER] = route.worker_id
+            else:
+                result["headers"] = {CLAIM_HEADER: route.worker_id}
+        return result
+
+    def route(self, task: str, service: str, model: str | None) -> Route:
+        """Choose the queue for one task and count it against the chosen worker."""
+        started = time.perf_counter()
+        now = self.clock()
+        if model is not None:
+            self.demand.record(model, now)
+        if now < self._down_until:
+            return self._fallback(task, service, model, "fallback_registry_down", started)
+        try:
+            pool = self._pool(service, model, now)
+        except redis.RedisError as exc:
+            self._down_until = now + self.retry_after_s
+            return self._fallback(task, service, model, "fallback_registry_down", started, exc)
+        ranked = self.policy.rank(
+            pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
+        )
+        if not ranked:
+            return self._fallback(task, service, model, "fallback_no_worker", started)
+        chosen = self._candidate(pool, ranked[0].worker_id)
+        load = self.policy.starts_load(chosen, ranked[0])
+        if load is not None:
+            pool, ranked, chosen = self._lease_or_rerank(service, model, load, pool, ranked, chosen)
+        winner, heartbeat = ranked[0], chosen.heartbeat
+        queue = heartbeat.queue or self.keys.worker_queue(winner.worker_id)
+        self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
+        decision = (
+            self._decision(task, service, model, "routed", queue, ranked, len(pool))
+            if self.decisions_kept > 0
+            else None
+        )
+        hit = (
+            model in heartbeat.loaded_models or model in heartbeat.models_in_memory
+            if model is not None
+            else None
+        )
+        latency_s = time.perf_counter() - started
+        counts = counters.routed(self.keys, winner.worker_id, service, hit, latency_s)
+        self.claims.add(winner.worker_id, decision, counts)
+        log.info(
+            "routed %s (model %s) to %s, %s %.3f, best of %d",
+            task,
+            model,
+            winner.worker_id,
+            self.policy.name,
+            winner.total,
+            len(pool),
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            for score in ranked:
+                log.debug("  candidate %s", score.as_dict())
+        return Route(queue, winner.worker_id)
+
+    def refresh(self) -> None:
+        """Take a registry snapshot now instead of reusing one up to ``refresh_s`` old."""
+        with self._lock:
+            self._refresh(self.clock())
+
+    def explain(self, service: str, model: str | None) -> list[Breakdown]:
+        """How every eligible worker ranks right now, best first, without the random
+        tiebreak; claims nothing and takes no lease."""
+        now = self.wall_clock()
+        snapshot = self.registry.snapshot(now)
+        pool = self.policy.prepare(
+            snapshot.heartbeats, service, model, leases=snapshot.leases, now=now
+        )
+        return self.policy.rank(pool, in_flight=snapshot.in_flight)
+
+    def _pool(self, service: str, model: str | None, now: float) -> list[Any]:
+        if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
+            with self._lock:
+                if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
+                    self._refresh(now)
+        pool = self._pools.get((service, model))
+        return self._prepare(service, model) if pool is None else pool
+
+    def _prepare(self, service: str, model: str | None) -> list[Any]:
+        """The policy's pool from the current snapshot and lease view, kept until either
+        changes."""
+        assert self._snapshot is not None
+        pool = self.policy.prepare(
+            self._snapshot.heartbeats,
+            service,
+            model,
+            leases=self._leases,
+            now=self.wall_clock(),
+            demand=self.demand.rates(self.clock()),
+        )
+        self._pools[service, model] = pool
+        return pool
+
+    @staticmethod
+    def _candidate(pool: Sequence[Any], worker_id: str) -> Any:
+        return next(c for c in pool if c.heartbeat.worker_id == worker_id)
+
+    def _lease_or_rerank(
+        self,
+        service: str,
+        model: str | None,
+        load: tuple[str, float],
+        pool: list[Any],
+        ranked: list[Breakdown],
+        chosen: Any,
+    ) -> tuple[list[Any], list[Breakdown], Any]:
+        """Take the lease ``chosen`` needs to load ``load``'s model before routing to it.
+
+        Refused (another router's load is news to this one): rank once more with the
+        fresh holders, and take the lease the new winner needs in turn, if any; refused
+        again, or Redis failing, route anyway: a load too many costs less than a task
+        bounced around. Returns the pool, ranking and candidate to route by.
+        """
+        if self._take_lease(load, chosen.heartbeat.worker_id) is not False:
+            return pool, ranked, chosen
+        # Same snapshot, fresh holders: never empty, and no Redis call on the way.
+        pool = self._prepare(service, model)
+        ranked = self.policy.rank(
+            pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
+        )
+        chosen = self._candidate(pool, ranked[0].worker_id)
+        again = self.policy.starts_load(chosen, ranked[0])
+        if again is not None and self._take_lease(again, chosen.heartbeat.worker_id) is False:
+            log.info(
+                "lease on loading %s refused twice: %s loads it all the same",
+                again[0],
+                chosen.heartbeat.worker_id,
+            )
+        return pool, ranked, chosen
+
+    def _take_lease(self, load: tuple[str, float], worker_id: str) -> bool | None:
+        """Whether the lease on ``worker_id`` loading ``load`` was granted; ``None`` when
+        Redis failed (the router then backs off as after any registry error)."""
+        model, ready_in_s = load
+        now = self.wall_clock()
+        ready_at = now + ready_in_s
+        expected = frozenset(self._leases.get(model, ()))
+        try:
+            result = self.registry.acquire_lease(
+                model, worker_id, ready_at, ready_at + self.lease_grace_s, expected, now
+            )
+        except redis.RedisError as exc:
+            self._down_until = self.clock() + self.retry_after_s
+            self._warn(
+                "lease",
+                "lease on loading %s not taken (%s): %s loads it unannounced",
+                model,
+                type(exc).__name__,
+                worker_id,
+            )
+            return None
+        self._leases[model] = result.holders
+        # Pools for the model carry the old holders; other models' pools are still true.
+        for key in [k for k in self._pools if k[1] == model]:
+            self._pools.pop(key, None)
+        return result.granted
+
+    def _refresh(self, now: float) -> None:
+        self.claims.flush()
+        snapshot = self.registry.snapshot(self.wall_clock())
+        # Claims still buffered (Redis refused the flush) are part of the load all the same.
+        in_flight = dict(snapshot.in_flight)
+        for worker_id, count in self.claims.pending().items():
+            in_flight[worker_id] = in_flight.get(worker_id, 0) + count
+        self._snapshot, self._snapshot_at, self._pools = snapshot, now, {}
+        self._in_flight = in_flight
+        self._leases = {model: dict(holders) for model, holders in snapshot.leases.items()}
+
+    def _decision(
+        self,
+        task: str,
+        service: str,
+        model: str | None,
+        outcome: Outcome,
+        queue: str,
+        ranked: Sequence[Breakdown] = (),
+        eligible: int = 0,
+        reason: str | None = None,
+    ) -> str:
+        """The decision as stored: JSON of a :class:`~coordinator.routing.decisions.Decision`,
+        built without pydantic and with breakdowns as rows, because it runs for every task."""
+        return json.dumps(
+            {
+                "at": self.wall_clock(),
+                "policy": self.policy.name,
+                "task": task,
+                "service": service,
+                "model": model,
+                "outcome": outcome,
+                "queue": queue,
+                "worker_id": ranked[0].worker_id if ranked else None,
+                "eligible": eligible,
+                "candidates": [score.as_row() for score in ranked],
+                "reason": reason,
+            },
+            separators=(",", ":"),
+        )
+
+    def _fallback(
+        self,
+        task: str,
+        service: str,
+        model: str | None,
+        outcome: Outcome,
+        started: float,
+        error: Exception | None = None,
+    ) -> Route:
+        queue = self.keys.service_queue(service)
+        if outcome == "fallback_no_worker":
+            reason = f"no live worker offers {service!r}"
+        else:
+            reason = f"registry unreachable: {type(error).__name__ if error else 'backing off'}"
+        self._warn(
+            service + outcome,
+            "%s for %s (model %s): sent to shared queue %s",
+            reason,
+            task,
+            model,
+            queue,
+        )
+        if outcome == "fallback_no_worker" and self.decisions_kept > 0:
+            self.claims.add(
+                None, self._decision(task, service, model, outcome, queue, reason=reason)
+            )
+        return Route(queue, None)
+
+    def _warn(self, topic: str, message: str, *args: object) -> None:
+        # A fleet-wide outage would log this once per task; once per topic per interval
+        # says the same thing.
+        now = self.clock()
+        if now - self._last_warning.get(topic, float("-inf")) >= WARN_EVERY_S:
+            self._last_warning[topic] = now
+            log.warning(message, *args)

@@ -1,0 +1,146 @@
+"""Batched in-flight claims: the router counts tasks locally and writes them in bulk.
+
+A Redis round trip per task would cost a publisher a third of its rate on a slow host, so
+claims (and the decisions kept for operators) are buffered and written in one command when
+``max_batch`` accumulate, ``flush_s`` after the first one (a timer thread takes the tail of
+a burst), and at exit. Other publishers see them at their next registry snapshot, which
+they take every ``REGISTRY_REFRESH_S`` anyway.
+
+A worker may release a task before its claim is written: the count then dips below zero
+for a moment and is whole again when the claim lands, because every claim is written and
+every released task carried a claim (the router marks claimed messages with a header).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis
+
+from coordinator.fleet.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CLAIM_HEADER: Final = "aiq_claimed_by"
+"""Message header naming the worker whose in-flight count a routed task was added to."""
+
+MAX_UNWRITTEN_DECISIONS: Final = 10_000
+RETRY_S: Final = 2.0
+"""After a failed write, the next try waits this long (and the warning is not repeated)."""
+
+
+@dataclass
+class ClaimBuffer:
+    """Claims and decisions waiting to be written to the registry."""
+
+    registry: Registry
+    decisions_kept: int = 1000
+    flush_s: float = 0.05
+    max_batch: int = 256
+    clock: Callable[[], float] = time.monotonic
+
+    _claims: dict[str, int] = field(default_factory=dict, init=False)
+    _decisions: list[str] = field(default_factory=list, init=False)
+    _counters: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
+    _first_at: float | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _timer: threading.Timer | None = field(default=None, init=False)
+    _timer_pid: int = field(default=0, init=False)
+    _failing: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        # A weak reference: a process that makes many routers must not keep them all alive.
+        atexit.register(_flush_at_exit, weakref.ref(self))
+
+    def add(
+        self,
+        worker_id: str | None,
+        decision: str | None,
+        counts: Iterable[tuple[str, str, float]] = (),
+    ) -> None:
+        """Count one task against ``worker_id`` (if any), keep ``decision`` and add ``counts``
+        (``(hash key, field, amount)`` metric increments); all written soon."""
+        with self._lock:
+            if worker_id is not None:
+                self._claims[worker_id] = self._claims.get(worker_id, 0) + 1
+            for key, name, amount in counts:
+                self._counters[key, name] = self._counters.get((key, name), 0.0) + amount
+            if decision is not None and self.decisions_kept > 0:
+                self._decisions.append(decision)
+                del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
+            if self._first_at is None:
+                self._first_at = self.clock()
+            due = len(self._decisions) + sum(self._claims.values()) >= self.max_batch
+        if due:
+            self.flush()
+        else:
+            self._arm_timer()
+
+    def pending(self) -> dict[str, int]:
+        """Claims not written yet, per worker."""
+        with self._lock:
+            return dict(self._claims)
+
+    def flush(self) -> dict[str, int] | None:
+        """Write everything buffered in one command; returns the written workers' counts.
+
+        On a Redis error the claims stay buffered for the next flush; ``None`` is returned.
+        """
+        with self._lock:
+            claims, decisions, counters = self._claims, self._decisions, self._counters
+            self._claims, self._decisions, self._counters, self._first_at = {}, [], {}, None
+        if not claims and not decisions and not counters:
+            return {}
+        try:
+            written = self.registry.claim_many(claims, decisions, self.decisions_kept, counters)
+        except redis.RedisError as exc:
+            if not self._failing:
+                log.warning("in-flight claims not written, kept for later: %s", exc)
+            self._failing = True
+            with self._lock:
+                for worker_id, count in claims.items():
+                    self._claims[worker_id] = self._claims.get(worker_id, 0) + count
+                for key, amount in counters.items():
+                    self._counters[key] = self._counters.get(key, 0.0) + amount
+                self._decisions[:0] = decisions
+                del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
+                self._first_at = self._first_at or self.clock()
+            return None
+        if self._failing:
+            log.info("in-flight claims written again")
+            self._failing = False
+        return written
+
+    def _arm_timer(self, delay_s: float | None = None) -> None:
+        # Timers do not survive fork: a forked publisher (a prefork pool child routing
+        # chord bodies) arms its own.
+        pid = os.getpid()
+        timer = self._timer
+        if timer is not None and self._timer_pid == pid and timer.is_alive():
+            return
+        timer = threading.Timer(delay_s or self.flush_s, self._on_timer)
+        timer.daemon = True
+        self._timer, self._timer_pid = timer, pid
+        timer.start()
+
+    def _on_timer(self) -> None:
+        self.flush()
+        with self._lock:
+            left = bool(self._claims or self._decisions or self._counters)
+        if left:  # Redis was away: try again later
+            self._timer = None
+            self._arm_timer(RETRY_S)
+
+
+def _flush_at_exit(buffer: weakref.ref[ClaimBuffer]) -> None:
+    alive = buffer()
+    if alive is not None:
+        alive.flush()

@@ -1,0 +1,60 @@
+"""Fleet counters kept in Redis by every router and broadcast, read by ``/metrics``.
+
+Routers run in every publishing process (and inside workers, for chord bodies and chain
+links), so their counters cannot live in one process's memory: each router adds its
+increments to its batched registry write (:mod:`coordinator.fleet.claims`), and the admin
+API turns the hashes into Prometheus metrics (:mod:`coordinator.ops.metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from coordinator.core.keys import Keys
+
+if TYPE_CHECKING:
+    from coordinator.fleet.registry import Registry
+
+LATENCY_BUCKETS_S: Final = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 2.5e-2, math.inf)
+SEP: Final = "|"
+"""Joins the two label values of a counter in its hash field."""
+
+Count = tuple[str, str, float]
+"""(hash key, field, increment)"""
+
+
+def bucket_label(edge: float) -> str:
+    """A latency bucket's field name: its upper edge, ``+Inf`` for the last."""
+    return "+Inf" if math.isinf(edge) else repr(edge)
+
+
+def routed(
+    keys: Keys, worker_id: str, service: str, model_hit: bool | None, latency_s: float
+) -> list[Count]:
+    """The counters one routed decision adds."""
+    counts = [(keys.metrics("routed"), f"{worker_id}{SEP}{service}", 1.0)]
+    if model_hit is not None:
+        counts.append((keys.metrics("model"), "hit" if model_hit else "miss", 1.0))
+    return counts + _latency(keys, latency_s)
+
+
+def fell_back(keys: Keys, service: str, reason: str, latency_s: float) -> list[Count]:
+    """The counters one decision for a shared queue adds."""
+    return [(keys.metrics("fallback"), f"{service}{SEP}{reason}", 1.0), *_latency(keys, latency_s)]
+
+
+def _latency(keys: Keys, seconds: float) -> list[Count]:
+    key = keys.metrics("latency")
+    edge = next(b for b in LATENCY_BUCKETS_S if seconds <= b)
+    return [(key, bucket_label(edge), 1.0), (key, "sum", seconds), (key, "count", 1.0)]
+
+
+def record_broadcast(registry: Registry, job_type: str, statuses: Iterable[str]) -> None:
+    """Count a finished broadcast's worker outcomes (best effort, one round trip)."""
+    key = registry.keys.metrics("broadcast")
+    pipe = registry.client.pipeline(transaction=False)
+    for status in statuses:
+        pipe.hincrbyfloat(key, f"{job_type}{SEP}{status}", 1)
+    pipe.execute()

@@ -1,0 +1,27 @@
+"""The fleet's Redis scripts, one ``.lua`` file each; each file's header names its KEYS and ARGV.
+
+Every change the coordinator makes to the fleet's shared state that must be atomic is one
+of these scripts (key names: :mod:`coordinator.core.keys`):
+
+=====================  ============================================================
+script                 does
+=====================  ============================================================
+``snapshot.lua``       reads live heartbeats, in-flight counts and leases at once
+``claim.lua``          adds a batch of claims, metric counts and decisions
+``release.lua``        releases one finished task's claim
+``lease.lua``          takes a model-load lease (compare-and-set on its holders)
+``move_queued.lua``    moves one message out of a dead worker's queue
+``move_unacked.lua``   moves one unacknowledged message of a dead worker
+=====================  ============================================================
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+
+
+@cache
+def lua_script(name: str) -> str:
+    """The text of ``{name}.lua`` beside this module."""
+    return files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")

@@ -1,0 +1,270 @@
+"""The fleet registry in Redis: heartbeats with a TTL, in-flight counts, model-load leases,
+recent decisions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit
+
+import redis
+
+from coordinator.core.errors import HeartbeatError
+from coordinator.core.heartbeat import MAX_ACTIVE, Heartbeat, parse_heartbeat
+from coordinator.core.keys import Keys
+from coordinator.fleet.lua import lua_script
+
+log = logging.getLogger(__name__)
+
+
+MAX_DECISIONS_PER_WRITE: Final = 1000
+LEASES_KEPT_S: Final = 3600
+"""The leases hash outlives its longest lease by this much, then goes: a fleet that stops
+routing leaves nothing behind for good."""
+
+
+def redis_client(url: str, timeout_s: float) -> redis.Redis:
+    """A client for ``url`` that gives up after ``timeout_s`` instead of hanging.
+
+    Accepts Celery's ``redis+socket:///path`` spelling of a Unix socket as well.
+    """
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        # A corrupt (non-UTF-8) entry must reach the parser, which skips it, rather than
+        # fail the whole read in the client.
+        encoding_errors="replace",
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the authority or a ``password=`` query), for logs
+    and error messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return parts.geturl()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The fleet as one registry read saw it."""
+
+    heartbeats: tuple[Heartbeat, ...]
+    in_flight: dict[str, int]
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Unexpired model loads, model -> {worker_id: ready_at}: the policies' ``Leases``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    """The answer to :meth:`Registry.acquire_lease`."""
+
+    granted: bool
+    holders: dict[str, float]
+    """The model's unexpired holders after the call -> ready_at: the caller's among them
+    when granted, else the ones that made the caller's view stale."""
+
+
+def lease_field(model: str, worker_id: str) -> str:
+    """The leases hash field of ``worker_id`` loading ``model`` (:mod:`coordinator.core.keys`)."""
+    return json.dumps([model, worker_id], separators=(",", ":"))
+
+
+def _leases(flat: Sequence[str], now: float) -> dict[str, dict[str, float]]:
+    leases: dict[str, dict[str, float]] = {}
+    for key, value in zip(flat[::2], flat[1::2], strict=True):
+        # Only routers write here, but a bad entry must cost its own lease, not routing.
+        try:
+            model, worker_id = json.loads(key) if key.startswith("[") else (None, None)
+            ready_text, expires_text = value.split()
+            ready_at, expires_at = float(ready_text), float(expires_text)
+        except (ValueError, TypeError):
+            continue
+        if (
+            isinstance(model, str)
+            and isinstance(worker_id, str)
+            and math.isfinite(ready_at)
+            and expires_at > now
+        ):
+            leases.setdefault(model, {})[worker_id] = ready_at
+    return leases
+
+
+def _ready_at(text: str, now: float) -> float:
+    try:
+        ready_at = float(text)
+    except ValueError:
+        return now
+    return ready_at if math.isfinite(ready_at) else now
+
+
+def _int(value: str) -> int:
+    # Only this project writes these counts, but a bad value must not break routing.
+    try:
+        return min(max(int(value), 0), MAX_ACTIVE)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Registry:
+    """Reads and writes the fleet's state in Redis; see :mod:`coordinator.core.keys`."""
+
+    client: redis.Redis
+    keys: Keys
+    ttl_s: float
+    _warned: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self._snapshot_script = self.client.register_script(lua_script("snapshot"))
+        self._release_script = self.client.register_script(lua_script("release"))
+        self._claim_script = self.client.register_script(lua_script("claim"))
+        self._lease_script = self.client.register_script(lua_script("lease"))
+
+    def publish(self, heartbeat: Heartbeat) -> None:
+        """Write one heartbeat; it disappears by itself ``ttl_s`` after the last write."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.worker(heartbeat.worker_id), heartbeat.to_json(), px=self._ttl_ms)
+        pipe.sadd(self.keys.workers, heartbeat.worker_id)
+        pipe.hset(
+            self.keys.known,
+            heartbeat.worker_id,
+            heartbeat.queue or self.keys.worker_queue(heartbeat.worker_id),
+        )
+        pipe.execute()
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker at once (clean shutdown)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.keys.worker(worker_id))
+        pipe.srem(self.keys.workers, worker_id)
+        pipe.hdel(self.keys.inflight, worker_id)
+        pipe.hdel(self.keys.known, worker_id)
+        pipe.execute()
+
+    def known_workers(self) -> dict[str, str]:
+        """Every worker that heartbeated and did not leave cleanly -> its queue."""
+        known = self.client.hgetall(self.keys.known)
+        return {str(k): str(v) for k, v in known.items()}
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """Every live, well-formed heartbeat, the in-flight counts and the leases unexpired
+        at ``now`` (unix s; default: this host's clock), in one round trip.
+
+        A malformed heartbeat is skipped with a warning naming the worker (once per distinct
+        payload, so a broken worker does not flood the log at every refresh).
+        """
+        beats, flight, leases = self._snapshot_script(
+            keys=[self.keys.workers, self.keys.inflight, self.keys.leases],
+            args=[self.keys.worker_prefix],
+        )
+        heartbeats = []
+        for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
+            try:
+                heartbeats.append(parse_heartbeat(raw, worker_id))
+            except HeartbeatError as exc:
+                self._warn_once(worker_id, raw, exc)
+        in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
+        return Snapshot(
+            tuple(heartbeats), in_flight, _leases(leases, time.time() if now is None else now)
+        )
+
+    def live_workers(self) -> list[Heartbeat]:
+        """Every live, well-formed heartbeat."""
+        return list(self.snapshot().heartbeats)
+
+    def claim_many(
+        self,
+        claims: Mapping[str, int],
+        decisions: Sequence[str],
+        keep: int,
+        counters: Mapping[tuple[str, str], float] | None = None,
+    ) -> dict[str, int]:
+        """Add ``claims`` to the in-flight counts, ``counters`` to their hash fields
+        (``(key, field) -> amount``) and keep ``decisions``, in one command.
+
+        Returns the new count of each claimed worker.
+        """
+        args: list[str | int | float] = [keep, len(claims)]
+        for worker_id, count in claims.items():
+            args += [worker_id, count]
+        counters = counters or {}
+        args.append(len(counters))
+        for (key, name), amount in counters.items():
+            args += [key, name, amount]
+        # LPUSH puts its last argument first: oldest first in, newest first out. Lua's
+        # unpack() takes a few thousand values at most, hence the cap.
+        if keep > 0:
+            args += decisions[-min(keep, MAX_DECISIONS_PER_WRITE) :]
+        flat = self._claim_script(keys=[self.keys.inflight, self.keys.decisions], args=args)
+        return {str(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+    def acquire_lease(
+        self,
+        model: str,
+        worker_id: str,
+        ready_at: float,
+        expires_at: float,
+        expected_holders: frozenset[str],
+        now: float,
+    ) -> LeaseResult:
+        """Record that ``worker_id`` starts loading ``model`` (in memory at ``ready_at``,
+        void after ``expires_at``), if ``expected_holders`` are exactly the model's unexpired
+        holders at ``now``: the caller decided on a current view. Otherwise nothing is
+        written and the current holders come back, for the caller to decide again.
+        """
+        args: list[str | float | int] = [
+            repr(now),
+            model,
+            worker_id,
+            lease_field(model, worker_id),
+            f"{ready_at!r} {expires_at!r}",
+            max(math.ceil(expires_at - now), 0) + LEASES_KEPT_S,
+            *sorted(expected_holders),
+        ]
+        flat = self._lease_script(keys=[self.keys.leases], args=args)
+        pairs = zip(flat[1::2], flat[2::2], strict=True)
+        holders = {str(worker): _ready_at(str(ready), now) for worker, ready in pairs}
+        return LeaseResult(bool(int(flat[0])), holders)
+
+    def release(self, worker_id: str) -> int:
+        """One task claimed for ``worker_id`` finished; returns the count left."""
+        return int(self._release_script(keys=[self.keys.inflight], args=[worker_id]))
+
+    def reset_in_flight(self, worker_id: str) -> None:
+        """Start a (re)started worker's count from zero."""
+        self.client.hdel(self.keys.inflight, worker_id)
+
+    def recent_decisions(self, limit: int = 50) -> Sequence[str]:
+        """The newest ``limit`` decisions as stored (JSON), newest first."""
+        result = self.client.lrange(self.keys.decisions, 0, max(limit, 1) - 1)
+        return [item if isinstance(item, str) else item.decode() for item in result]
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(int(self.ttl_s * 1000), 1)
+
+    def _warn_once(self, worker_id: str, raw: str, exc: HeartbeatError) -> None:
+        fingerprint = (worker_id, hashlib.blake2b(raw.encode(), digest_size=8).hexdigest())
+        if fingerprint in self._warned:
+            return
+        if len(self._warned) > 10_000:
+            self._warned.clear()
+        self._warned.add(fingerprint)
+        log.warning("skipping heartbeat of worker %r: %s", worker_id, exc.reason)

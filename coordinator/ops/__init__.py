@@ -1,0 +1,1 @@
+"""The operator surface: the admin HTTP API, its fleet views, Prometheus metrics, tables."""

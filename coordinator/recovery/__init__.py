@@ -1,0 +1,1 @@
+"""Recovery: the reaper, which moves a dead worker's queued and running work to live workers."""

@@ -1,0 +1,72 @@
+"""A routing decision as kept for operators: who won, why, and who else was considered."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from coordinator.routing import POLICIES, SeedPolicy
+
+Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down"]
+
+
+class Decision(BaseModel):
+    """One routing decision. ``candidates`` holds the best few breakdowns, best first, each
+    named by its policy's :attr:`~coordinator.routing.Policy.factors`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    at: float = Field(description="unix time, seconds")
+    policy: str = Field(
+        # Decisions stored before there were policies were made by the design's table.
+        default=SeedPolicy.name,
+        description="the ROUTING_POLICY that decided",
+    )
+    task: str
+    service: str
+    model: str | None
+    outcome: Outcome
+    queue: str
+    worker_id: str | None = None
+    eligible: int = 0
+    candidates: list[dict[str, float | str]] = Field(default_factory=list)
+    unnamed: str | None = Field(
+        default=None,
+        description="why the candidates show worker_id and total only, when they do",
+    )
+    reason: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def unit(self) -> str | None:
+        """How to read each candidate's ``total``; ``None`` for a policy unknown here."""
+        known = POLICIES.get(self.policy)
+        return known.unit if known is not None else None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rows_to_dicts(cls, data: Any) -> Any:
+        # Stored as rows (see the router's _decision); read back as named factors. A row
+        # this reader cannot name (a newer policy, or a policy whose factors changed) keeps
+        # what every policy's row has: the worker id first and the total last.
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+            return data
+        policy = data.get("policy", SeedPolicy.name)
+        known = POLICIES.get(policy) if isinstance(policy, str) else None
+        names = ("worker_id", *known.factors) if known is not None else ()
+        rows: list[Any] = []
+        unnamed = data.get("unnamed")  # set already when read back from its own dump
+        for row in data["candidates"]:
+            if not isinstance(row, list) or len(row) < 2:
+                rows.append(row)  # a dict is already named; anything else fails validation
+            elif len(row) == len(names):
+                rows.append(dict(zip(names, row, strict=True)))
+            else:
+                rows.append({"worker_id": row[0], "total": row[-1]})
+                unnamed = (
+                    f"policy {policy!r} is unknown here"
+                    if known is None
+                    else f"rows of {len(row)} values do not match policy {policy!r}"
+                )
+        return {**data, "candidates": rows, "unnamed": unnamed}

@@ -1,0 +1,212 @@
+"""The worker's heartbeat: measure, probe, write to the registry, on threads of its own.
+
+Threads rather than a Celery timer: the worker's timer does not fire while the solo pool
+runs a task, and a long generation must not make the worker look dead. Probing the model
+services has a thread of its own too, so a service that hangs until its timeout delays
+what the heartbeat says about that service, never the heartbeat itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+
+from coordinator.core.heartbeat import (
+    MAX_HEARTBEAT_BYTES,
+    TIER_BY_NAME,
+    Heartbeat,
+    ServiceStatus,
+    WorkerStatus,
+)
+from coordinator.core.settings import WorkerSettings
+from coordinator.fleet.registry import Registry
+from worker_tasks import system
+from worker_tasks.model_stats import ModelStats
+from worker_tasks.probes import ProbeResult, probe_services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeartbeatSender:
+    """Builds this worker's heartbeat and keeps it fresh in the registry."""
+
+    settings: WorkerSettings
+    registry: Registry
+    tier: str
+    queue: str
+    active_requests: Callable[[], int]
+    stats: ModelStats
+    clock: Callable[[], float] = time.time
+    _known: set[str] = field(default_factory=set, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False)
+    _http: httpx.Client = field(init=False)
+    _probed: ProbeResult = field(default_factory=ProbeResult, init=False)
+
+    def __post_init__(self) -> None:
+        self._http = httpx.Client(timeout=self.settings.probe_timeout_s)
+        system.cpu_load()  # psutil's first reading is meaningless; prime it
+
+    def probe(self) -> ProbeResult:
+        """Probe the model services now."""
+        return probe_services(
+            self._http,
+            ollama_url=self.settings.ollama_url,
+            embeddings_url=self.settings.embeddings_url,
+            ocr_url=self.settings.ocr_url,
+            chromadb_url=self.settings.served_chromadb_url,
+        )
+
+    def capabilities(self, probed: ProbeResult) -> tuple[str, ...]:
+        """Configured capabilities, else every service that has answered since start.
+
+        Remembering past answers keeps a service that blips in the capability list (it is
+        then reported unhealthy and skipped) instead of making it vanish and reappear.
+        """
+        if self.settings.worker_capabilities is not None:
+            return tuple(self.settings.worker_capabilities)
+        self._known.update(s for s, ok in probed.services_status.items() if ok)
+        return tuple(sorted(self._known))
+
+    def latest_probe(self) -> ProbeResult:
+        """What the last probe found."""
+        return self._probed
+
+    def refresh_probes(self) -> ProbeResult:
+        """Probe now and use the result from the next heartbeat on."""
+        self._probed = self.probe()
+        self.stats.sizes = self._probed.model_bytes
+        return self._probed
+
+    def would_evict(self, probed: ProbeResult) -> str | None:
+        """The model the next load would push out of memory: the least recently used, once
+        ``WORKER_MODEL_SLOTS`` models are in memory; ``None`` while there is room.
+
+        A prediction: Ollama (``findRunnerToUnload``) unloads an idle model with the
+        shortest keep_alive, ties broken by model file path, neither of which ``/api/ps``
+        shows; the least recently used is the guess its ``expires_at`` allows.
+        """
+        slots = self.settings.worker_model_slots
+        in_memory = probed.models_in_memory
+        return in_memory[0] if slots is not None and len(in_memory) >= slots else None
+
+    def build(self) -> Heartbeat:
+        """This worker's heartbeat: measured now, with the latest probe result."""
+        probed = self._probed
+        capabilities = self.capabilities(probed)
+        statuses: dict[str, ServiceStatus] = {
+            s: "healthy" if probed.services_status.get(s) else "unhealthy" for s in capabilities
+        }
+        healthy = sum(1 for s in statuses.values() if s == "healthy")
+        status: WorkerStatus = (
+            "healthy"
+            if capabilities and healthy == len(statuses)
+            else "degraded"
+            if healthy
+            else "unhealthy"
+        )
+        heartbeat = Heartbeat(
+            worker_id=self.settings.worker_id,
+            status=status,
+            current_load=system.cpu_load(),
+            available_memory=system.available_memory(),
+            gpu_utilization=system.gpu_utilization(),
+            active_requests=self.active_requests(),
+            loaded_models=probed.loaded_models,
+            models_in_memory=probed.models_in_memory,
+            specialization=self.settings.worker_specialization,
+            services_status=statuses,
+            tier=TIER_BY_NAME[self.tier],
+            capabilities=capabilities,
+            queue=self.queue,
+            timestamp=self.clock(),
+            model_bytes=probed.model_bytes,
+            service_s=self.stats.service_s(),
+            mean_service_s=self.stats.mean_service_s(),
+            model_slots=self.settings.worker_model_slots,
+            would_evict=self.would_evict(probed),
+            load_bps=self.stats.load_bps(),
+            download_bps=self.settings.worker_download_bps,
+        )
+        return _within_limit(heartbeat)
+
+    def beat(self) -> Heartbeat | None:
+        """Send one heartbeat; a Redis outage is logged, never raised."""
+        heartbeat = self.build()
+        try:
+            self.registry.publish(heartbeat)
+        except redis.RedisError as exc:
+            log.warning("heartbeat of %s not written: %s", heartbeat.worker_id, exc)
+            return None
+        return heartbeat
+
+    def start(self) -> None:
+        """Beat now, then every ``HEARTBEAT_INTERVAL_S``; probe at the same interval."""
+        self.beat()
+        for target, name in ((self._beat_loop, "heartbeat"), (self._probe_loop, "probes")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """Beat as soon as possible (after a model was loaded, for instance)."""
+        self._wake.set()
+
+    def stop(self, *, deregister: bool = True) -> None:
+        """Stop beating and, on a clean shutdown, leave the registry at once."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=self.settings.probe_timeout_s * 4 + 1)
+        if deregister:
+            try:
+                self.registry.remove(self.settings.worker_id)
+            except redis.RedisError as exc:
+                log.warning("could not deregister %s: %s", self.settings.worker_id, exc)
+        self._http.close()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.heartbeat_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.beat()
+            except Exception:  # the thread must outlive any one bad beat
+                log.exception("heartbeat failed")
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                before = self._probed
+                if self.refresh_probes() != before:
+                    self.wake()  # the fleet should learn of a change now, not next beat
+            except Exception:
+                log.exception("probing the model services failed")
+
+
+def _within_limit(heartbeat: Heartbeat) -> Heartbeat:
+    """``heartbeat``, without the sizes and times of models not in memory if it is too big:
+    routing can do without those, not without the heartbeat (the registry skips one over
+    the limit)."""
+    if len(heartbeat.to_json().encode()) <= MAX_HEARTBEAT_BYTES:
+        return heartbeat
+    keep = set(heartbeat.models_in_memory)
+    slim = heartbeat.model_copy(
+        update={
+            "model_bytes": {m: b for m, b in heartbeat.model_bytes.items() if m in keep},
+            "service_s": {m: t for m, t in heartbeat.service_s.items() if m in keep},
+        }
+    )
+    if len(slim.to_json().encode()) > MAX_HEARTBEAT_BYTES:
+        log.warning("heartbeat of %s is over %d bytes", slim.worker_id, MAX_HEARTBEAT_BYTES)
+    return slim

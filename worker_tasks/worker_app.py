@@ -1,0 +1,45 @@
+"""The worker's Celery app: the fleet app plus the task modules and the worker's hooks.
+
+Configuration is passed in (:func:`create_worker_app`); only :func:`default_worker_app`, which
+``celery -A worker_tasks worker`` reaches through ``worker_tasks.app``, reads the environment,
+and it does so when first asked, not when the package is imported.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from coordinator.core.settings import CoordinatorSettings, load_settings
+from coordinator.dispatch.app import FleetApp
+from worker_tasks.lifecycle import WorkerRuntime, install
+
+TASK_MODULES = ("worker_tasks.tasks", "worker_tasks.job_handlers")
+
+
+class WorkerApp(FleetApp):
+    """A fleet app that can run the fleet's tasks in a ``celery worker``."""
+
+    runtime: WorkerRuntime | None = None
+    """Set in a started worker's processes; ``None`` where tasks are only sent."""
+
+
+def create_worker_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> WorkerApp:
+    """The app a worker runs for ``settings``: tasks registered, start-up and shutdown hooked."""
+    app = WorkerApp.from_settings(settings, main=main)
+    app.conf.imports = TASK_MODULES
+    install(app)
+    return app
+
+
+_default: WorkerApp | None = None
+_default_lock = threading.Lock()
+
+
+def default_worker_app() -> WorkerApp:
+    """The app built once from the environment; made Celery's default for every thread."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = create_worker_app(load_settings(CoordinatorSettings))
+            _default.set_default()
+        return _default
