@@ -1,5 +1,5 @@
 # One image for every role of the fleet (worker, admin API, Flower); compose.yaml picks the
-# role with `command:` and configures it with environment variables (README, Configuration).
+# role with `command:` and configures it with environment variables (docs/configuration.md).
 # No secret is baked in: REDIS_URL, COORDINATOR_API_TOKEN and FLOWER_BASIC_AUTH come at run time.
 FROM python:3.11-slim
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -185,7 +186,19 @@ def check(result: BroadcastResult, expected_docs: int | None) -> None:
         raise RuntimeError(f"expected {expected_docs} documents, got {result.aggregated}")
 
 
-def main() -> None:
+@dataclass
+class Results:
+    """What the rounds measured, by worker count."""
+
+    rates: dict[int, list[float]]
+    """Documents per second, one per round."""
+    shares: dict[int, list[int]] = field(default_factory=dict)
+    """Each worker's documents in the last round."""
+    pings_ms: list[float] = field(default_factory=list)
+    """Ping broadcasts' latencies, with the largest worker count only."""
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -194,13 +207,105 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,3", help="worker counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pings", type=int, default=20)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure_ingestion(
+    app: FleetApp,
+    docs: list[dict[str, Any]],
+    namespace: str,
+    workers: int,
+    rounds: int,
+    out: Results,
+) -> None:
+    """One untimed warm-up ingestion, then ``rounds`` timed ones with ``workers`` workers."""
+    ingest(app, docs[: 16 * workers], f"{namespace}-warm-{workers}")  # untimed warm-up
+    for round_ in range(rounds):
+        elapsed, out.shares[workers] = ingest(app, docs, f"{namespace}-{workers}w-r{round_ + 1}")
+        out.rates[workers].append(len(docs) / elapsed)
+        print(f"{workers} worker(s), round {round_ + 1}: {out.rates[workers][-1]:.0f} docs/s")
+
+
+def measure_pings(app: FleetApp, pings: int, ids: list[str], out: Results) -> None:
+    """One untimed warm-up ping, then ``pings`` timed ones that must reach every worker."""
+    check(timed(app, "ping", {})[0], None)  # warm-up
+    for _ in range(pings):
+        result, elapsed = timed(app, "ping", {})
+        out.pings_ms.append(1000 * elapsed)
+        check(result, None)
+        if result.successful != len(ids):
+            raise RuntimeError(f"ping reached {result.successful} of {ids}")
+
+
+def measure(
+    app: FleetApp,
+    fleet: Fleet,
+    docs: list[dict[str, Any]],
+    counts: list[int],
+    args: argparse.Namespace,
+) -> Results:
+    """Each worker count in turn, on a fleet of exactly that many workers."""
+    namespace = app.settings.namespace
+    out = Results(rates={n: [] for n in counts})
+    for n in counts:
+        ids = fleet.start(n)
+        try:
+            measure_ingestion(app, docs, namespace, n, args.rounds, out)
+            if n == max(counts):
+                measure_pings(app, args.pings, ids, out)
+        finally:
+            fleet.stop()
+    return out
+
+
+def shut_down(
+    app: FleetApp, fleet: Fleet, servers: list[SimulatedModelServer], chroma: ChromaServer
+) -> int:
+    """Stop everything, delete the namespace's keys and the temporary directories; returns
+    how many keys were deleted."""
+    fleet.stop()
+    for server in servers:
+        server.stop()
+    chroma.stop()
+    client = app.registry.client
+    deleted = 0
+    # Best effort: cleaning up must not hide why the bench stopped.
+    with contextlib.suppress(Exception):
+        pattern = f"*{app.settings.namespace}*"
+        deleted = sum(client.unlink(k) for k in client.scan_iter(match=pattern))
+    app.close()
+    shutil.rmtree(chroma.path, ignore_errors=True)
+    shutil.rmtree(fleet.logdir, ignore_errors=True)
+    return deleted
+
+
+def print_results(args: argparse.Namespace, counts: list[int], results: Results) -> None:
+    base = statistics.median(results.rates[min(counts)])
+    print(f"\n{args.documents} documents (200-400 chars, chunk_size 512) x {args.rounds} rounds")
+    print(f"{'workers':>7}{'docs/s':>9}{'speed-up':>10}  documents per worker (last round)")
+    for n in counts:
+        rate = statistics.median(results.rates[n])
+        split = " / ".join(str(s) for s in results.shares[n])
+        print(f"{n:>7}{rate:>9.0f}{rate / base:>10.2f}  {split}")
+    print(f"(speed-up relative to {min(counts)} worker(s))")
+    if results.pings_ms:
+        pings = sorted(results.pings_ms)
+        p95 = pings[math.ceil(0.95 * len(pings)) - 1]  # nearest rank
+        print(
+            f"\nping broadcast to {max(counts)} workers, call to aggregated answer, "
+            f"{len(pings)} calls: median {statistics.median(pings):.1f} ms, p95 {p95:.1f} ms"
+        )
+    print(
+        f"\nos.cpu_count() = {os.cpu_count()}: workers, ChromaDB, the fake embedders and Redis "
+        "all share these cores, so the speed-up is bounded by them, not by the broadcast."
+    )
+
+
+def main() -> None:
+    args = parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     namespace = f"bench-{uuid.uuid4().hex[:12]}"
     docs = documents(args.documents)
-    rates: dict[int, list[float]] = {n: [] for n in counts}
-    shares: dict[int, list[int]] = {}
-    pings_ms: list[float] = []
 
     chroma_dir = tempfile.mkdtemp(prefix="bench-broadcast-chroma-")
     port = free_port()
@@ -219,56 +324,11 @@ def main() -> None:
         chroma.start()
         for server in servers:
             server.start()
-        for n in counts:
-            ids = fleet.start(n)
-            try:
-                ingest(app, docs[: 16 * n], f"{namespace}-warm-{n}")  # untimed warm-up
-                for round_ in range(args.rounds):
-                    elapsed, shares[n] = ingest(app, docs, f"{namespace}-{n}w-r{round_ + 1}")
-                    rates[n].append(len(docs) / elapsed)
-                    print(f"{n} worker(s), round {round_ + 1}: {rates[n][-1]:.0f} docs/s")
-                if n == max(counts):
-                    check(timed(app, "ping", {})[0], None)  # warm-up
-                    for _ in range(args.pings):
-                        result, elapsed = timed(app, "ping", {})
-                        pings_ms.append(1000 * elapsed)
-                        check(result, None)
-                        if result.successful != len(ids):
-                            raise RuntimeError(f"ping reached {result.successful} of {ids}")
-            finally:
-                fleet.stop()
+        results = measure(app, fleet, docs, counts, args)
     finally:
-        fleet.stop()
-        for server in servers:
-            server.stop()
-        chroma.stop()
-        client = app.registry.client
-        deleted = 0
-        with contextlib.suppress(Exception):
-            deleted = sum(client.unlink(k) for k in client.scan_iter(match=f"*{namespace}*"))
-        app.close()
-        shutil.rmtree(chroma_dir, ignore_errors=True)
-        shutil.rmtree(fleet.logdir, ignore_errors=True)
+        deleted = shut_down(app, fleet, servers, chroma)
 
-    base = statistics.median(rates[min(counts)])
-    print(f"\n{args.documents} documents (200-400 chars, chunk_size 512) x {args.rounds} rounds")
-    print(f"{'workers':>7}{'docs/s':>9}{'speed-up':>10}  documents per worker (last round)")
-    for n in counts:
-        rate = statistics.median(rates[n])
-        split = " / ".join(str(s) for s in shares[n])
-        print(f"{n:>7}{rate:>9.0f}{rate / base:>10.2f}  {split}")
-    print(f"(speed-up relative to {min(counts)} worker(s))")
-    if pings_ms:
-        pings = sorted(pings_ms)
-        p95 = pings[math.ceil(0.95 * len(pings)) - 1]  # nearest rank
-        print(
-            f"\nping broadcast to {max(counts)} workers, call to aggregated answer, "
-            f"{len(pings)} calls: median {statistics.median(pings):.1f} ms, p95 {p95:.1f} ms"
-        )
-    print(
-        f"\nos.cpu_count() = {os.cpu_count()}: workers, ChromaDB, the fake embedders and Redis "
-        "all share these cores, so the speed-up is bounded by them, not by the broadcast."
-    )
+    print_results(args, counts, results)
     print(f"cleaned up {deleted} keys under {namespace}")
 
 

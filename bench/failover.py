@@ -151,7 +151,19 @@ def run(
     return out
 
 
-def main() -> None:
+@dataclass
+class Harness:
+    """Everything the bench starts, kept together so shutdown can stop whatever got started."""
+
+    app: FleetApp
+    servers: list[SimulatedModelServer]
+    logdir: Path
+    stop: threading.Event
+    reaper: threading.Thread
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -159,10 +171,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--task-ms", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
-    args = parser.parse_args()
-    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    return parser.parse_args()
+
+
+def build_harness(redis_url: str, namespace: str) -> Harness:
+    """The app with fast heartbeats, the model servers and the (not yet started) reaper."""
     settings = CoordinatorSettings(
-        redis_url=args.redis_url,
+        redis_url=redis_url,
         namespace=namespace,
         heartbeat_interval_s=INTERVAL_S,
         heartbeat_ttl_s=TTL_S,
@@ -170,55 +185,66 @@ def main() -> None:
         registry_refresh_s=0.2,
     )
     app = create_app(settings, main=f"bench-{namespace}")
-    reaper_log = logging.handlers.BufferingHandler(10_000)  # what the reaper reports
-    logging.getLogger("coordinator.recovery.reaper").addHandler(reaper_log)
     servers = [
         SimulatedModelServer(f"model-{i + 1}", ["llama3.2"], models_in_memory=["llama3.2"])
         for i in range(WORKERS)
     ]
     logdir = Path(tempfile.mkdtemp(prefix="bench-failover-logs-"))
-    procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
     reaper = threading.Thread(
         target=Reaper(app, settings.grace_s).run, args=(INTERVAL_S, stop), name="reaper"
     )
-    results: dict[str, Run] = {}
-    deleted, keep_logs = 0, True
-    try:
-        for server in servers:
-            server.start().set_fault(delay_s=args.task_ms / 1000)
-        procs = start_workers(app, servers, logdir)
-        reaper.start()
-        run(app, servers, procs, 60, None, args.timeout)  # untimed warm-up
-        results["A: no kill"] = run(app, servers, procs, args.tasks, None, args.timeout)
-        kill = run(app, servers, procs, args.tasks, args.tasks // 2, args.timeout)
-        results["B: kill -9 at midpoint"] = kill
-        keep_logs = bool(results["A: no kill"].lost or kill.lost)
-    finally:
-        stop.set()
-        reaper.join(timeout=10)
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for server in servers:
-            server.stop()
-        client = app.registry.client
-        try:
-            for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-                deleted += client.unlink(key)
-        finally:
-            app.close()
-            if not keep_logs:
-                shutil.rmtree(logdir, ignore_errors=True)
+    return Harness(app, servers, logdir, stop, reaper)
 
+
+def measure(h: Harness, tasks: int, task_ms: float, timeout_s: float) -> dict[str, Run]:
+    """Start the fleet, warm it up, then run A (nobody killed) and B (a kill at the midpoint)."""
+    for server in h.servers:
+        server.start().set_fault(delay_s=task_ms / 1000)
+    h.procs = start_workers(h.app, h.servers, h.logdir)
+    h.reaper.start()
+    run(h.app, h.servers, h.procs, 60, None, timeout_s)  # untimed warm-up
+    results = {"A: no kill": run(h.app, h.servers, h.procs, tasks, None, timeout_s)}
+    results["B: kill -9 at midpoint"] = run(h.app, h.servers, h.procs, tasks, tasks // 2, timeout_s)
+    return results
+
+
+def stop_workers(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every worker still running, then wait for all (SIGKILL after 30 s)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def shut_down(h: Harness, namespace: str, keep_logs: bool) -> int:
+    """Stop everything started and delete the namespace's keys; returns how many."""
+    h.stop.set()
+    h.reaper.join(timeout=10)
+    stop_workers(h.procs)
+    for server in h.servers:
+        server.stop()
+    client, deleted = h.app.registry.client, 0
+    try:
+        for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+            deleted += client.unlink(key)
+    finally:
+        h.app.close()
+        if not keep_logs:
+            shutil.rmtree(h.logdir, ignore_errors=True)
+    return deleted
+
+
+def print_results(
+    tasks: int, task_ms: float, results: dict[str, Run], reaper_log: list[logging.LogRecord]
+) -> None:
     print(
-        f"\n{args.tasks} generate tasks of {args.task_ms:.0f} ms, {WORKERS} workers (-P solo); "
+        f"\n{tasks} generate tasks of {task_ms:.0f} ms, {WORKERS} workers (-P solo); "
         f"heartbeat {INTERVAL_S} s, TTL {TTL_S} s, reaper grace {GRACE_S} s every {INTERVAL_S} s"
     )
     print(f"{'run':<24}{'seconds':>9}{'lost':>6}{'twice':>7}  per worker: results/model calls")
@@ -229,16 +255,33 @@ def main() -> None:
     print(f"\nslowdown B/A: {b.seconds / a.seconds:.2f}x; killed {b.victim}; ", end="")
     print(f"kill -9 to last completion: {b.kill_to_last_s or 0.0:.2f} s")
     print(f"{b.victim} held at the kill: {b.held_at_kill[0]} queued + {b.held_at_kill[1]} unacked")
-    for record in reaper_log.buffer:
+    for record in reaper_log:
         print(f"reaper: {record.getMessage()}")
     for name, r in results.items():
         if r.lost:
             print(f"{name}: never finished: {', '.join(r.lost_prompts[:10])}")
     print(f"os.cpu_count() = {os.cpu_count()}: the workers, Redis and this process share them")
+
+
+def main() -> None:
+    args = parse_args()
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    harness = build_harness(args.redis_url, namespace)
+    reaper_log = logging.handlers.BufferingHandler(10_000)  # what the reaper reports
+    logging.getLogger("coordinator.recovery.reaper").addHandler(reaper_log)
+    keep_logs = True  # unless both runs finish with nothing lost
+    try:
+        results = measure(harness, args.tasks, args.task_ms, args.timeout)
+        keep_logs = any(r.lost for r in results.values())
+    finally:
+        deleted = shut_down(harness, namespace, keep_logs)
+
+    print_results(args.tasks, args.task_ms, results, reaper_log.buffer)
+    a, b = results["A: no kill"], results["B: kill -9 at midpoint"]
     verdict = "none lost" if a.lost == b.lost == 0 else f"LOST {a.lost} + {b.lost}"
     print(f"{verdict}; cleaned up {deleted} keys under {namespace}")
     if keep_logs:
-        print(f"worker logs kept in {logdir}")
+        print(f"worker logs kept in {harness.logdir}")
 
 
 if __name__ == "__main__":

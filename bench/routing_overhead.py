@@ -114,7 +114,13 @@ def clear(app: FleetApp, namespace: str) -> None:
     client.delete(app.registry.keys.inflight, app.registry.keys.decisions)
 
 
-def main() -> None:
+Rates = dict[int, list[float]]
+"""Tasks per second by fleet size (0: plain Celery), one per round."""
+Costs = dict[int, list[tuple[float, float]]]
+"""Wall and CPU microseconds per decision by fleet size, one per round."""
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -123,41 +129,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="10,100", help="fleet sizes, comma-separated")
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES))
-    args = parser.parse_args()
-    sizes = [int(n) for n in args.workers.split(",")]
+    return parser.parse_args()
 
-    namespace = f"bench-{uuid.uuid4().hex[:12]}"
-    settings = CoordinatorSettings(
-        redis_url=args.redis_url, namespace=namespace, routing_policy=args.policy
-    )
-    app = create_app(settings)
+
+def measure(app: FleetApp, sizes: list[int], tasks: int, rounds: int) -> tuple[Rates, Costs]:
+    """Warm up, then ``rounds`` rounds over plain Celery and each fleet size."""
+    namespace = app.settings.namespace
     fixed = f"{namespace}.fixed"
-    rates: dict[int, list[float]] = {size: [] for size in [0, *sizes]}
-    costs: dict[int, list[tuple[float, float]]] = {size: [] for size in sizes}
-    try:
-        set_fleet(app, max(sizes))
-        publish(app, 500, fixed)  # warm up connections and code paths
-        publish(app, 500, None)
-        clear(app, namespace)
-        for round_ in range(args.rounds):
-            order = [0, *sizes]
-            order = order[round_ % len(order) :] + order[: round_ % len(order)]
-            for size in order:
-                if size:
-                    set_fleet(app, size)
-                rates[size].append(publish(app, args.tasks, None if size else fixed))
+    rates: Rates = {size: [] for size in [0, *sizes]}
+    costs: Costs = {size: [] for size in sizes}
+    set_fleet(app, max(sizes))
+    publish(app, 500, fixed)  # warm up connections and code paths
+    publish(app, 500, None)
+    clear(app, namespace)
+    for round_ in range(rounds):
+        # Rotate the order each round, so no configuration always runs first (or last).
+        order = [0, *sizes]
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]
+        for size in order:
+            if size:
+                set_fleet(app, size)
+            rates[size].append(publish(app, tasks, None if size else fixed))
+            clear(app, namespace)
+            if size:
+                costs[size].append(decision_cost_us(app, tasks))
                 clear(app, namespace)
-                if size:
-                    costs[size].append(decision_cost_us(app, args.tasks))
-                    clear(app, namespace)
-                print(f"round {round_ + 1}: {size or 'plain'} {rates[size][-1]:.0f} tasks/s")
-    finally:
-        client = app.registry.client
-        deleted = sum(client.unlink(k) for k in client.scan_iter(match=f"*{namespace}*"))
-        app.close()
+            print(f"round {round_ + 1}: {size or 'plain'} {rates[size][-1]:.0f} tasks/s")
+    return rates, costs
 
+
+def print_medians(sizes: list[int], rates: Rates, costs: Costs) -> float:
+    """The table of medians; returns plain Celery's rate, the baseline of the ratios."""
     plain = statistics.median(rates[0])
-    print(f"\n{args.tasks} tasks x {args.rounds} rounds, policy {args.policy}, {args.redis_url}")
     print("medians:")
     print(
         f"{'configuration':<24}{'tasks/s':>9}{'ratio':>8}{'route wall µs':>15}{'route CPU µs':>14}"
@@ -169,6 +172,10 @@ def main() -> None:
         cpu = statistics.median(c[1] for c in costs[size])
         label = f"router, {size} workers"
         print(f"{label:<24}{rate:>9.0f}{rate / plain:>8.3f}{wall:>15.1f}{cpu:>14.1f}")
+    return plain
+
+
+def print_targets(sizes: list[int], rates: Rates, costs: Costs, plain: float) -> None:
     largest = max(sizes)
     worst_ratio = min(statistics.median(rates[s]) for s in sizes) / plain
     cpu_largest = statistics.median(c[1] for c in costs[largest])
@@ -180,6 +187,26 @@ def main() -> None:
         f"target CPU per decision at {largest} workers < {CPU_TARGET_US:.0f} µs: "
         f"{cpu_largest:.1f} ({'met' if cpu_largest < CPU_TARGET_US else 'missed'})"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    sizes = [int(n) for n in args.workers.split(",")]
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    settings = CoordinatorSettings(
+        redis_url=args.redis_url, namespace=namespace, routing_policy=args.policy
+    )
+    app = create_app(settings)
+    try:
+        rates, costs = measure(app, sizes, args.tasks, args.rounds)
+    finally:
+        client = app.registry.client
+        deleted = sum(client.unlink(k) for k in client.scan_iter(match=f"*{namespace}*"))
+        app.close()
+
+    print(f"\n{args.tasks} tasks x {args.rounds} rounds, policy {args.policy}, {args.redis_url}")
+    plain = print_medians(sizes, rates, costs)
+    print_targets(sizes, rates, costs, plain)
     print(f"cleaned up {deleted} keys under {namespace}")
 
 

@@ -1,11 +1,11 @@
-"""The routing-policy comparison of the README: the Azure trace through every policy.
+"""The routing-policy comparison of docs/simulator.md: the Azure trace through every policy.
 
     .venv/bin/python -m bench.simulate [--trace FILE] [any option of `coordinator simulate`]
 
 Without ``--trace`` it reads ``../shared/traces/azure_llm_conv_2023.csv`` (relative to the
-project) and draws ``bench/results/routing-simulation.png``: the figures and plot of the
-README's "Routing policies" section. It prints the table, the targets and the wall time;
-the simulated fleet and workload are described in ``coordinator/simulator.py``.
+project) and draws ``docs/images/routing-simulation.png``: the figures and plot of
+docs/simulator.md. It prints the table, the targets and the wall time; the simulated
+fleet and workload are described in ``coordinator/sim/simulator.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from coordinator.sim.compare import add_arguments, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = ROOT.parent / "shared" / "traces" / "azure_llm_conv_2023.csv"
-PLOT = ROOT / "bench" / "results" / "routing-simulation.png"
+PLOT = ROOT / "docs" / "images" / "routing-simulation.png"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from coordinator.broadcast.client import broadcast, broadcast_async
     from coordinator.core.catalog import detect_required_model
     from coordinator.core.errors import (
         ConfigError,
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
-    "broadcast": "coordinator.broadcast.client",
-    "broadcast_async": "coordinator.broadcast.client",
     "detect_required_model": "coordinator.core.catalog",
     "ConfigError": "coordinator.core.errors",
     "CoordinatorError": "coordinator.core.errors",
@@ -77,8 +74,6 @@ __all__ = [
     "ServiceError",
     "Weights",
     "WorkerSettings",
-    "broadcast",
-    "broadcast_async",
     "create_app",
     "detect_required_model",
     "load_settings",

@@ -261,7 +261,7 @@ def test_explain_table_of_the_cost_policy_shows_its_estimates_and_states(
     due in 10 s) and gpu-3 has it on disk; the table names each state and estimate."""
     lasting.publish(SCENARIO_1[1].model_copy(update={"models_in_memory": ("llama3.2",)}))
     lasting.publish(
-        SCENARIO_1[0].model_copy(update={"worker_id": "gpu-3", "loaded_models": ("llama3.2",)})
+        SCENARIO_1[0].model_copy(update={"worker_id": "gpu-3", "models_on_disk": ("llama3.2",)})
     )
     now = time.time()
     lasting.acquire_lease("llama3.2", "gpu-1", now + 10, now + 60, frozenset(), now)

@@ -29,7 +29,7 @@ from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-README = ROOT / "README.md"
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 
 # Images that are not the project's: they carry no build and none of its settings.
 THIRD_PARTY_IMAGES = ("redis:", "ollama/ollama")
@@ -41,9 +41,9 @@ DUMMY_ENV = {
     "FLOWER_BASIC_AUTH": "admin:dummy-flower-password",
 }
 
-# Variables the README's configuration table does not list but a service may set:
+# Variables the configuration table (docs/configuration.md) does not list but a service may set:
 # third-party ones, and COORDINATOR_API_TOKEN (the admin API's bearer token, a
-# CoordinatorSettings field whose README row is being added separately).
+# CoordinatorSettings field listed under Security).
 EXTRA_KNOWN_VARIABLES = frozenset(
     {"FLOWER_BASIC_AUTH", "PYTHONUNBUFFERED", "COORDINATOR_API_TOKEN"}
 )
@@ -130,8 +130,8 @@ def _seconds(duration: str) -> float:
 
 
 def _readme_variables() -> set[str]:
-    """The names in the README's configuration table (its ``| `NAME` |`` rows)."""
-    text = README.read_text(encoding="utf-8")
+    """The names in the configuration table (docs/configuration.md) (its ``| `NAME` |`` rows)."""
+    text = CONFIGURATION_DOC.read_text(encoding="utf-8")
     return set(re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", text, flags=re.MULTILINE))
 
 
@@ -486,7 +486,7 @@ def test_the_file_interpolates_with_the_secrets_and_fails_without_them() -> None
 @pytest.mark.parametrize("name", sorted(_project_services()))
 def test_every_variable_is_one_the_project_knows(name: str) -> None:
     known = _readme_variables() | EXTRA_KNOWN_VARIABLES
-    assert {"REDIS_URL", "WORKER_TIER", "ENABLE_CHROMADB"} <= known, "README table not parsed"
+    assert {"REDIS_URL", "WORKER_TIER", "ENABLE_CHROMADB"} <= known, "table not parsed"
     unknown = set(_environment(_services()[name])) - known
     assert not unknown, f"{name} sets variables nothing reads: {sorted(unknown)}"
     if name in WORKERS:  # pydantic-settings ignores unknown names silently: check the fields

@@ -42,7 +42,7 @@ def test_the_design_heartbeat_parses_as_is() -> None:
     assert hb.available_memory == "24.5GB"
     assert hb.gpu_utilization == 65.3
     assert hb.active_requests == 2
-    assert hb.loaded_models == ("llama3.2", "nomic-embed-text")
+    assert hb.models_on_disk == ("llama3.2", "nomic-embed-text")
     assert hb.specialization == "vllm"
     assert hb.services_status == {"vllm": "healthy", "embeddings": "healthy"}
     assert hb.capabilities == ("vllm", "embeddings")
@@ -65,7 +65,7 @@ def test_minimal_heartbeat_defaults() -> None:
     assert hb.status == "healthy"
     assert (hb.current_load, hb.active_requests) == (0.0, 0)
     assert hb.gpu_utilization is None
-    assert hb.loaded_models == () == hb.capabilities
+    assert hb.models_on_disk == () == hb.capabilities
     assert hb.services_status == {}
 
 
@@ -241,7 +241,7 @@ def test_loaded_models_are_normalized_and_deduplicated(
     models: list[str], expected: tuple[str, ...]
 ) -> None:
     hb = parse_heartbeat(payload(loaded_models=models, models_in_memory=models), "w1")
-    assert hb.loaded_models == expected
+    assert hb.models_on_disk == expected
     assert hb.models_in_memory == expected
 
 

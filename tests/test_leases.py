@@ -125,7 +125,7 @@ def test_two_routers_in_two_processes_load_a_cold_model_once(
     refused, re-ranks with the winner's load under way, and queues its task behind it."""
     models = [f"cold-{n}" for n in range(6)]
     for worker_id in ("eq-a", "eq-b", "eq-c", "eq-d"):
-        lasting.publish(on_disk(worker_id).model_copy(update={"loaded_models": tuple(models)}))
+        lasting.publish(on_disk(worker_id).model_copy(update={"models_on_disk": tuple(models)}))
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(2, timeout=WAIT_S)
     results = ctx.Queue()

@@ -53,7 +53,8 @@ FAST = hyp_settings(
 MANY = hyp_settings(FAST, max_examples=200)
 
 STATUSES: Final = ("healthy", "degraded", "unhealthy", "draining")
-FIELDS: Final = tuple(Heartbeat.model_fields)
+# The names on the wire: the JSON keeps the design's names where code says them otherwise.
+FIELDS: Final = tuple(f.alias or name for name, f in Heartbeat.model_fields.items())
 NUMERIC_FIELDS: Final = ("current_load", "gpu_utilization", "active_requests", "tier", "timestamp")
 
 # The valid worker beside the malformed entries: eligible for vllm, but scoring so low that
@@ -497,7 +498,7 @@ def check_parse(raw: str | bytes) -> None:
     if heartbeat.timestamp is not None:
         assert math.isfinite(heartbeat.timestamp)
         assert heartbeat.timestamp >= 0.0
-    for name in (*heartbeat.loaded_models, *heartbeat.models_in_memory):
+    for name in (*heartbeat.models_on_disk, *heartbeat.models_in_memory):
         assert name
         assert not name.endswith(":latest")
     again = heartbeat.to_json()

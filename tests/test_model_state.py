@@ -474,7 +474,7 @@ def test_a_heartbeat_with_many_long_model_names_stays_under_the_limit(
         stats.record(name, 1.0)
     heartbeat = sender.build()
     assert len(heartbeat.to_json().encode()) <= MAX_HEARTBEAT_BYTES
-    assert len(heartbeat.loaded_models) == 256
+    assert len(heartbeat.models_on_disk) == 256
     # What routing needs most stays: the models in memory, their sizes and times.
     assert set(heartbeat.model_bytes) == set(heartbeat.service_s) == set(names[:2])
     assert heartbeat.would_evict == names[0]

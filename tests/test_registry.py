@@ -23,7 +23,7 @@ def test_published_heartbeats_come_back_in_one_snapshot(registry: Registry) -> N
         registry.publish(beat(worker_id, loaded_models=["llama3.2:latest"], tier="gpu"))
     live = {hb.worker_id: hb for hb in registry.live_workers()}
     assert set(live) == {"gpu-1", "gpu-2", "cpu-1"}
-    assert live["gpu-1"].loaded_models == ("llama3.2",)
+    assert live["gpu-1"].models_on_disk == ("llama3.2",)
     assert live["gpu-1"].tier == 1
 
 

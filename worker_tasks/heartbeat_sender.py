@@ -120,7 +120,7 @@ class HeartbeatSender:
             available_memory=system.available_memory(),
             gpu_utilization=system.gpu_utilization(),
             active_requests=self.active_requests(),
-            loaded_models=probed.loaded_models,
+            models_on_disk=probed.models_on_disk,
             models_in_memory=probed.models_in_memory,
             specialization=self.settings.worker_specialization,
             services_status=statuses,

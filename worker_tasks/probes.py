@@ -53,7 +53,7 @@ class ProbeResult:
     """Everything the probes found, per service of the catalogue."""
 
     services_status: dict[str, bool] = field(default_factory=dict)
-    loaded_models: tuple[str, ...] = ()
+    models_on_disk: tuple[str, ...] = ()
     models_in_memory: tuple[str, ...] = ()
     """Least recently used first (see :class:`OllamaState`)."""
     model_bytes: dict[str, int] = field(default_factory=dict)

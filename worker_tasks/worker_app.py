@@ -36,10 +36,9 @@ _default_lock = threading.Lock()
 
 
 def default_worker_app() -> WorkerApp:
-    """The app built once from the environment; made Celery's default for every thread."""
+    """The app built once from the environment (Celery's default in every thread)."""
     global _default
     with _default_lock:
         if _default is None:
             _default = create_worker_app(load_settings(CoordinatorSettings))
-            _default.set_default()
         return _default

@@ -22,22 +22,15 @@ import redis
 from kombu.exceptions import OperationalError
 from rich.console import Console
 
+from coordinator.cli.explain import print_explanation, target_queue, tiebreak_max, why_not
 from coordinator.core.catalog import TASKS, detect_required_model, task_spec
 from coordinator.core.errors import ConfigError, JobError
-from coordinator.core.heartbeat import ROUTABLE_STATUSES, Heartbeat, is_eligible
+from coordinator.core.heartbeat import is_eligible
 from coordinator.core.settings import CoordinatorSettings, load_settings
 from coordinator.dispatch.router import FleetRouter
 from coordinator.fleet.registry import Registry, redact_url, redis_client
 from coordinator.ops import admin, render
-from coordinator.ops.render import breakdown_table
-from coordinator.routing import (
-    POLICIES,
-    CostPolicy,
-    LeastLoadedPolicy,
-    Policy,
-    SeedPolicy,
-    make_policy,
-)
+from coordinator.routing import POLICIES, make_policy
 from coordinator.sim.compare import add_arguments, run_command
 
 EXIT_OK: Final = 0
@@ -197,17 +190,13 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     ranked = router.explain(spec.service, model)  # the router's own ranking, no tiebreak drawn
     live = {hb.worker_id: hb for hb in registry.live_workers()}
     winner = ranked[0] if ranked else None
-    if winner is None:
-        queue = settings.keys.service_queue(spec.service)
-    else:  # where the router sends it: the queue the heartbeat names, else the worker's own
-        named = live[winner.worker_id].queue if winner.worker_id in live else None
-        queue = named or settings.keys.worker_queue(winner.worker_id)
+    queue = target_queue(settings.keys, spec.service, winner, live)
     skipped = {
-        worker_id: _why_not(hb, spec.service)
+        worker_id: why_not(hb, spec.service)
         for worker_id, hb in sorted(live.items())
         if not is_eligible(hb, spec.service)
     }
-    tiebreak = _tiebreak(policy)
+    tiebreak = tiebreak_max(policy)
     close = len(ranked) > 1 and abs(ranked[0].total - ranked[1].total) < tiebreak
     if args.json:
         return _print_json(
@@ -225,49 +214,18 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
                 "too_close_to_call": close,
             }
         )
-    console = _console()
-    title = f"{args.task} (service {spec.service}, model {model}): {len(ranked)} eligible"
-    rows = [score.as_dict() for score in ranked]
-    console.print(f"policy {policy.name}: {policy.unit}")
-    if rows:
-        console.print(breakdown_table(title, rows, policy.name))
-    for worker_id, reason in skipped.items():
-        console.print(f"not eligible: {worker_id} ({reason})")
-    if winner is None:
-        console.print(
-            f"no live worker can run {args.task} (service {spec.service!r}): it would wait in "
-            f"the shared fallback queue {queue}"
-        )
-        return EXIT_OK
-    places, unit = render.decimals(policy.name), policy.unit.split(",")[0]
-    total = render.cell(winner.total, places)
-    console.print(f"winner: {winner.worker_id} with {total} {unit} -> queue {queue}")
-    if close:
-        console.print(
-            f"note: {ranked[1].worker_id} is within the router's random tiebreak "
-            f"(0-{tiebreak:g} {unit}), so either may be chosen"
-        )
+    print_explanation(
+        _console(),
+        task=args.task,
+        service=spec.service,
+        model=model,
+        policy=policy,
+        ranked=ranked,
+        skipped=skipped,
+        queue=queue,
+        close_within=tiebreak if close else None,
+    )
     return EXIT_OK
-
-
-def _tiebreak(policy: Policy[Any]) -> float:
-    """The most the router's random tiebreak adds to a total, which ``explain`` leaves out."""
-    if isinstance(policy, SeedPolicy):
-        return policy.weights.tiebreak
-    if isinstance(policy, CostPolicy):
-        return policy.tie_s
-    if isinstance(policy, LeastLoadedPolicy):
-        return 0.5  # its random half-request between equal loads
-    return 0.0
-
-
-def _why_not(hb: Heartbeat, service: str) -> str:
-    """Why :func:`~coordinator.routing.seed.is_eligible` refuses ``hb`` for ``service``."""
-    if hb.status not in ROUTABLE_STATUSES:
-        return f"status {hb.status}"
-    if service not in hb.capabilities:
-        return f"does not offer {service}"
-    return f"{service} unhealthy"
 
 
 def _broadcast(args: argparse.Namespace, settings: CoordinatorSettings) -> int:

@@ -36,14 +36,17 @@ Seconds = Annotated[float, Field(ge=0.0, le=86_400.0, strict=True)]
 class Heartbeat(BaseModel):
     """One worker's state as last reported; the router's only view of the fleet.
 
-    The fields of the design document parse as they are; ``loaded_models`` means on disk or
-    in memory (Ollama's ``/api/tags``), ``models_in_memory`` is Ollama's ``/api/ps``.
+    The fields of the design document parse as they are. Its ``loaded_models`` lists every
+    model the worker has on disk, those in memory included (Ollama's ``/api/tags``), so in
+    code it is :attr:`models_on_disk`; ``models_in_memory`` is Ollama's ``/api/ps``.
     ``tier``, ``capabilities``, ``queue``, ``timestamp`` and the cost-aware routing fields
     (``model_bytes`` .. ``download_bps``) are additions. Unknown fields are
     ignored so that newer workers can talk to older coordinators.
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", allow_inf_nan=False, populate_by_name=True
+    )
 
     worker_id: WorkerId
     status: WorkerStatus = "healthy"
@@ -53,7 +56,10 @@ class Heartbeat(BaseModel):
     available_memory: str | None = None
     gpu_utilization: float | None = Field(default=None, ge=0.0, le=100.0, strict=True)
     active_requests: int = Field(default=0, ge=0, le=MAX_ACTIVE, strict=True)
-    loaded_models: tuple[Name, ...] = Field(default=(), max_length=MAX_MODELS)
+    # The JSON keeps the design's name; populate_by_name lets code say what it means.
+    models_on_disk: tuple[Name, ...] = Field(
+        default=(), max_length=MAX_MODELS, alias="loaded_models"
+    )
     models_in_memory: tuple[Name, ...] = Field(default=(), max_length=MAX_MODELS)
     specialization: Name | None = None
     services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
@@ -83,7 +89,7 @@ class Heartbeat(BaseModel):
             return TIER_BY_NAME[value.lower()]
         return value
 
-    @field_validator("loaded_models", "models_in_memory", mode="after")
+    @field_validator("models_on_disk", "models_in_memory", mode="after")
     @classmethod
     def _normalize_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         names = (normalize_model(name) for name in value)
@@ -113,7 +119,7 @@ class Heartbeat(BaseModel):
 
     def to_json(self) -> str:
         """The JSON written to Redis."""
-        return self.model_dump_json(exclude_none=True)
+        return self.model_dump_json(exclude_none=True, by_alias=True)
 
 
 def parse_heartbeat(raw: str | bytes, worker_id: str | None = None) -> Heartbeat:

@@ -1,4 +1,4 @@
-"""Configuration from environment variables (pydantic-settings); see the README's table."""
+"""Configuration from environment variables (pydantic-settings); see docs/configuration.md."""
 
 from __future__ import annotations
 

@@ -39,7 +39,13 @@ class FleetApp(Celery):
         main: str = "worker_tasks",
         set_as_current: bool = True,
     ) -> Self:
-        """Build the app for ``settings``; nothing connects to Redis until it is used."""
+        """Build the app for ``settings``; nothing connects to Redis until it is used.
+
+        With ``set_as_current`` the app is Celery's current app in this thread and its
+        default app in every other, so ``.delay()`` from any thread of the application
+        (a web server's pool, a chord body in a worker) is routed by it: Celery's current
+        app is per thread, and elsewhere falls back to an app with no router.
+        """
         app = cls(
             main,
             broker=settings.redis_url,
@@ -61,6 +67,8 @@ class FleetApp(Celery):
             lease_grace_s=lease_grace_s(settings.heartbeat_interval_s),
         )
         _configure(app, settings)
+        if set_as_current:
+            app.set_default()
         return app
 
     def close(self) -> None:
@@ -124,6 +132,5 @@ def default_app() -> FleetApp:
         return current
     with _default_lock:
         if _default is None:
-            _default = create_app(load_settings(CoordinatorSettings), set_as_current=False)
-            _default.set_default()
+            _default = create_app(load_settings(CoordinatorSettings))
         return _default

@@ -1,5 +1,5 @@
 """The reaper: moves the work of dead workers to live ones, so a crashed host costs time,
-not tasks (but for kombu's own pop-then-record window; see the README's Failure modes).
+not tasks (but for kombu's own pop-then-record window; see docs/failure-modes.md).
 
 A worker's own queue is consumed by that worker only. When it dies, what waits there would
 wait forever, and kombu's restore of its unacknowledged messages puts them back into the

