@@ -171,7 +171,30 @@ def test_metrics_after_routing(app: FleetApp, client: TestClient, fleet: None) -
     assert 'aiq_live_workers{tier="gpu"} 1.0' in text
     assert 'aiq_live_workers{tier="cpu"} 1.0' in text
     assert 'aiq_routing_decision_seconds_bucket{le="+Inf"} 1.0' in text
+    # On disk is not in memory: the task costs a load, and the hit ratio must show it.
+    assert 'aiq_routing_model_loaded_total{result="miss"} 1.0' in text
+    assert 'aiq_routing_model_loaded_total{result="hit"} 0.0' in text
+
+
+def test_metrics_count_hits_in_memory_and_fallbacks(
+    app: FleetApp, client: TestClient, registry: Registry
+) -> None:
+    registry.publish(
+        Heartbeat(
+            worker_id="gpu-1",
+            loaded_models=("llama3.2",),
+            models_in_memory=("llama3.2",),
+            services_status={"vllm": "healthy"},
+        )
+    )
+    app.send_task(GENERATE, args=["hi"], kwargs={"model": "llama3.2"})
+    app.send_task(OCR, args=["aGk="])  # nobody offers ocr: the shared queue
+    app.router.claims.flush()
+
+    text = client.get("/metrics").text
     assert 'aiq_routing_model_loaded_total{result="hit"} 1.0' in text
+    assert 'aiq_routing_model_hit_ratio 1.0' in text
+    assert 'aiq_routing_fallbacks_total{reason="no_worker",service="ocr"} 1.0' in text
 
 
 def test_docs_and_openapi_without_token(client: TestClient) -> None:

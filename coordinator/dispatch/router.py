@@ -126,8 +126,22 @@ class FleetRouter:
         return result
 
     def route(self, task: str, service: str, model: str | None) -> Route:
-        """Choose the queue for one task and count it against the chosen worker."""
+        """Choose the queue for one task and count it against the chosen worker.
+
+        Safe from any number of threads (a web server's pool, a worker's chord bodies): one
+        decision at a time reads and changes the router's view. Never raises: whatever goes
+        wrong, the task goes to its service's shared queue, because a publish must not fail
+        for routing's sake.
+        """
         started = time.perf_counter()
+        try:
+            with self._lock:
+                return self._route(task, service, model, started)
+        except Exception as exc:
+            log.exception("routing %s (model %s) failed", task, model)
+            return self._fallback(task, service, model, "fallback_error", started, exc)
+
+    def _route(self, task: str, service: str, model: str | None, started: float) -> Route:
         now = self.clock()
         if model is not None:
             self.demand.record(model, now)
@@ -155,11 +169,9 @@ class FleetRouter:
             if self.decisions_kept > 0
             else None
         )
-        hit = (
-            model in heartbeat.loaded_models or model in heartbeat.models_in_memory
-            if model is not None
-            else None
-        )
+        # A hit is a model in memory: one on disk still costs a load, which is what the
+        # hit ratio exists to show.
+        hit = model in heartbeat.models_in_memory if model is not None else None
         latency_s = time.perf_counter() - started
         counts = counters.routed(self.keys, winner.worker_id, service, hit, latency_s)
         self.claims.add(winner.worker_id, decision, counts)
@@ -183,20 +195,18 @@ class FleetRouter:
             self._refresh(self.clock())
 
     def explain(self, service: str, model: str | None) -> list[Breakdown]:
-        """How every eligible worker ranks right now, best first, without the random
+        """How every eligible worker ranks right now, best first: the router's own decision
+        on a fresh snapshot (its leases, in-flight counts and demand), without the random
         tiebreak; claims nothing and takes no lease."""
-        now = self.wall_clock()
-        snapshot = self.registry.snapshot(now)
-        pool = self.policy.prepare(
-            snapshot.heartbeats, service, model, leases=snapshot.leases, now=now
-        )
-        return self.policy.rank(pool, in_flight=snapshot.in_flight)
+        with self._lock:
+            now = self.clock()
+            self._refresh(now)
+            pool = self._pool(service, model, now)
+            return self.policy.rank(pool, in_flight=self._in_flight)
 
     def _pool(self, service: str, model: str | None, now: float) -> list[Any]:
         if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
-            with self._lock:
-                if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
-                    self._refresh(now)
+            self._refresh(now)
         pool = self._pools.get((service, model))
         return self._prepare(service, model) if pool is None else pool
 
@@ -332,6 +342,8 @@ class FleetRouter:
         queue = self.keys.service_queue(service)
         if outcome == "fallback_no_worker":
             reason = f"no live worker offers {service!r}"
+        elif outcome == "fallback_error":
+            reason = f"routing failed: {type(error).__name__}: {error}"
         else:
             reason = f"registry unreachable: {type(error).__name__ if error else 'backing off'}"
         self._warn(
@@ -342,10 +354,14 @@ class FleetRouter:
             model,
             queue,
         )
-        if outcome == "fallback_no_worker" and self.decisions_kept > 0:
-            self.claims.add(
-                None, self._decision(task, service, model, outcome, queue, reason=reason)
-            )
+        decision = (
+            self._decision(task, service, model, outcome, queue, reason=reason)
+            if outcome != "fallback_registry_down" and self.decisions_kept > 0
+            else None
+        )
+        label = outcome.removeprefix("fallback_")
+        latency_s = time.perf_counter() - started
+        self.claims.add(None, decision, counters.fell_back(self.keys, service, label, latency_s))
         return Route(queue, None)
 
     def _warn(self, topic: str, message: str, *args: object) -> None:

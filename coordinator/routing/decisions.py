@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 
 from coordinator.routing import POLICIES, SeedPolicy
 
-Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down"]
+Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down", "fallback_error"]
 
 
 class Decision(BaseModel):
