@@ -72,7 +72,8 @@ def set_fleet(app: FleetApp, size: int) -> None:
     app.router.claims.flush()
     # A fresh fleet each time: no counts, and no model loads under way (the cost policy's
     # leases), so every configuration starts from the same cold state.
-    registry.client.delete(registry.keys.inflight, registry.keys.leases)
+    claims = [registry.keys.claims(str(hb.worker_id)) for hb in registry.live_workers()]
+    registry.client.delete(registry.keys.leases, *claims)
     app.router.refresh_s = 0.0
     app.router.route(GENERATE, "vllm", "llama3.2")  # takes a fresh snapshot
     app.router.refresh_s = 1.0
@@ -111,7 +112,9 @@ def clear(app: FleetApp, namespace: str) -> None:
     client = app.registry.client
     for key in client.scan_iter(match=f"{namespace}.*", count=1000):
         client.unlink(key)
-    client.delete(app.registry.keys.inflight, app.registry.keys.decisions)
+    for key in client.scan_iter(match=app.registry.keys.claims_prefix + "*", count=1000):
+        client.unlink(key)
+    client.delete(app.registry.keys.decisions)
 
 
 Rates = dict[int, list[float]]

@@ -193,7 +193,7 @@ def test_metrics_count_hits_in_memory_and_fallbacks(
 
     text = client.get("/metrics").text
     assert 'aiq_routing_model_loaded_total{result="hit"} 1.0' in text
-    assert 'aiq_routing_model_hit_ratio 1.0' in text
+    assert "aiq_routing_model_hit_ratio 1.0" in text
     assert 'aiq_routing_fallbacks_total{reason="no_worker",service="ocr"} 1.0' in text
 
 

@@ -90,7 +90,7 @@ def test_workers_table_shows_models_load_and_services(
     run: Run, scenario_1: Registry, registry: Registry
 ) -> None:
     scenario_1.publish(embedder())
-    registry.claim_many({"gpu-2": 3}, [], keep=0)
+    registry.claim_many({"gpu-2": ["a", "b", "c"]}, [], keep=0)
     code, out, err = run("workers")
     assert (code, err) == (0, "")
     assert "3 live workers" in out
@@ -105,7 +105,7 @@ def test_workers_table_shows_models_load_and_services(
 
 
 def test_workers_json_is_the_admin_view(run: Run, scenario_1: Registry, registry: Registry) -> None:
-    registry.claim_many({"gpu-2": 3}, [], keep=0)
+    registry.claim_many({"gpu-2": ["a", "b", "c"]}, [], keep=0)
     code, out, _ = run("workers", "--json")
     assert code == 0
     workers = json.loads(out)

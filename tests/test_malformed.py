@@ -384,7 +384,12 @@ class Stage:
         keys = self.registry.keys
         stale = [keys.worker(wid) for wid in self.written]
         self.redis_conn.delete(
-            keys.workers, keys.known, keys.inflight, keys.decisions, keys.leases, *stale
+            keys.workers,
+            keys.known,
+            keys.claims("good"),
+            keys.decisions,
+            keys.leases,
+            *stale,
         )
         self.written.clear()
         self.registry.publish(GOOD)
@@ -754,12 +759,13 @@ def _huge_active_requests(stage: Stage) -> None:
     stage.write([("bad", to_json(payload))])
 
 
-def _huge_in_flight(stage: Stage) -> None:
-    stage.redis_conn.hset(stage.registry.keys.inflight, "good", str(OVERFLOWING))
+def _claims_of_the_wrong_type(stage: Stage) -> None:
+    # Whoever can write to Redis can leave anything under a claims key.
+    stage.redis_conn.set(stage.registry.keys.claims("good"), str(OVERFLOWING))
 
 
 @pytest.mark.parametrize(
-    "corrupt", [_huge_active_requests, _huge_in_flight], ids=["heartbeat", "inflight"]
+    "corrupt", [_huge_active_requests, _claims_of_the_wrong_type], ids=["heartbeat", "claims"]
 )
 def test_an_active_count_beyond_float_range_does_not_break_route(
     stage: Stage, corrupt: Callable[[Stage], None]

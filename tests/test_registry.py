@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 import redis
@@ -87,7 +88,7 @@ def test_the_same_malformed_entry_is_reported_once(
 
 def test_remove_forgets_a_worker_at_once(registry: Registry) -> None:
     registry.publish(beat("leaving"))
-    registry.claim_many({"leaving": 1}, [], 0)
+    registry.claim_many({"leaving": ["c"]}, [], 0)
     registry.remove("leaving")
     snapshot = registry.snapshot()
     assert snapshot.heartbeats == ()
@@ -95,22 +96,32 @@ def test_remove_forgets_a_worker_at_once(registry: Registry) -> None:
 
 
 def test_in_flight_claims_and_releases_add_up(registry: Registry) -> None:
-    assert registry.claim_many({"w": 2, "v": 1}, [], 0) == {"w": 2, "v": 1}
+    registry.publish(beat("w"))
+    registry.publish(beat("v"))
+    assert registry.claim_many({"w": ["w1", "w2"], "v": ["v1"]}, [], 0) == {"w": 2, "v": 1}
     assert registry.snapshot().in_flight == {"w": 2, "v": 1}
-    assert registry.release("w") == 1
-    assert registry.release("w") == 0
-    # A release that overtakes its claim (still buffered in the publisher) dips below zero
-    # and is made whole when the claim lands; readers never see a negative load.
-    assert registry.release("v") == 0
-    assert registry.release("v") == -1
-    assert registry.snapshot().in_flight == {"v": 0}
-    assert registry.claim_many({"v": 1}, [], 0) == {"v": 0}
-    assert registry.snapshot().in_flight == {}
+    assert registry.release("w", "w1")
+    # Released twice (two outcomes seen for one message): nothing more is taken.
+    assert not registry.release("w", "w1")
+    assert registry.snapshot().in_flight == {"w": 1, "v": 1}
+    # A release that overtakes its claim (still buffered in the publisher) keeps the claim
+    # from ever being added.
+    assert not registry.release("v", "v2")
+    assert registry.claim_many({"v": ["v2"]}, [], 0) == {"v": 1}
+    assert registry.release("v", "v1")
+    assert registry.snapshot().in_flight == {"w": 1}
+
+
+def test_a_claim_nothing_releases_lapses(registry: Registry) -> None:
+    registry.publish(beat("w"))
+    registry.claim_many({"w": ["lost"]}, [], 0, lapse_s=5.0)
+    assert registry.snapshot().in_flight == {"w": 1}
+    assert registry.snapshot(now=time.time() + 10.0).in_flight == {}
 
 
 def test_decisions_are_kept_newest_first_and_trimmed(registry: Registry) -> None:
     registry.claim_many({}, [json.dumps({"n": n}) for n in range(2)], keep=3)
-    registry.claim_many({"w": 1}, [json.dumps({"n": n}) for n in range(2, 5)], keep=3)
+    registry.claim_many({"w": ["c"]}, [json.dumps({"n": n}) for n in range(2, 5)], keep=3)
     kept = [json.loads(item)["n"] for item in registry.recent_decisions(10)]
     assert kept == [4, 3, 2]
 
@@ -119,13 +130,13 @@ def test_registry_write_lands_under_the_namespace_only(
     registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     registry.publish(beat("w1"))
-    registry.claim_many({"w1": 1}, ["{}"], keep=10)
+    registry.claim_many({"w1": ["c1"]}, ["{}"], keep=10)
     written = {key for key in redis_conn.scan_iter(match=f"*{settings.namespace}*")}
     assert written == {
         settings.keys.worker("w1"),
         settings.keys.workers,
         settings.keys.known,
-        settings.keys.inflight,
+        settings.keys.claims("w1"),
         settings.keys.decisions,
     }
 

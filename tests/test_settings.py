@@ -279,7 +279,8 @@ def test_keys_use_the_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
     assert keys.worker("w1") == "{ns1}:worker:w1"
     assert keys.worker_prefix == "{ns1}:worker:"
     assert keys.workers == "{ns1}:workers"
-    assert keys.inflight == "{ns1}:inflight"
+    assert keys.claims("w1") == "{ns1}:claims:w1"
+    assert keys.released("w1") == "{ns1}:released:w1"
     assert keys.decisions == "{ns1}:decisions"
 
 

@@ -6,15 +6,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery import Task, signals
+from celery import signals
 from celery.worker import state
 
 from coordinator.broadcast.client import control_queue
 from coordinator.core.errors import ConfigError, ServiceError
 from coordinator.core.settings import WorkerSettings, load_settings
-from coordinator.fleet.claims import CLAIM_HEADER
 from coordinator.fleet.registry import redact_url
-from worker_tasks import system
+from worker_tasks import outcomes, system
 from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat_sender import HeartbeatSender
 from worker_tasks.model_stats import ModelStats
@@ -114,6 +113,7 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
 
 def install(app: WorkerApp) -> None:
     """Connect the worker hooks of ``app``; harmless in processes that only send tasks."""
+    outcomes.install(app)
 
     @signals.celeryd_after_setup.connect(weak=False)
     def _after_setup(sender: str, instance: Any, **_: Any) -> None:
@@ -124,7 +124,6 @@ def install(app: WorkerApp) -> None:
     def _ready(sender: Any, **_: Any) -> None:
         runtime = app.runtime
         if sender.app is app and runtime is not None:
-            app.registry.reset_in_flight(runtime.settings.worker_id)
             runtime.heartbeat.start()
 
     @signals.worker_shutdown.connect(weak=False)
@@ -135,19 +134,3 @@ def install(app: WorkerApp) -> None:
             runtime.stats.close()
             if runtime.chroma is not None:
                 runtime.chroma.stop()
-
-    @signals.task_postrun.connect(weak=False)
-    def _postrun(
-        sender: Task[Any, Any] | None = None, task: Task[Any, Any] | None = None, **_: Any
-    ) -> None:
-        task = task or sender
-        if task is None or task.app is not app:
-            return
-        runtime = app.runtime
-        # Only tasks the router counted against this worker are released here.
-        claimed_by = getattr(task.request, CLAIM_HEADER, None)
-        if runtime is not None and claimed_by == runtime.settings.worker_id:
-            try:
-                app.registry.release(runtime.settings.worker_id)
-            except Exception as exc:  # a lost release costs balance, never the task
-                log.warning("could not release in-flight slot: %s", exc)

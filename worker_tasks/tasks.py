@@ -23,7 +23,7 @@ from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS, detect_require
 from coordinator.core.errors import ServiceUnavailableError, TaskInputError
 from coordinator.core.settings import WorkerSettings, load_settings
 from coordinator.dispatch.app import FleetApp, default_app
-from coordinator.fleet.claims import CLAIM_HEADER
+from coordinator.fleet.claims import CLAIM_HEADER, claim_header
 from worker_tasks import model_client
 
 OCR_PROMPT = "Extract all text from this image. Answer with the text only."
@@ -50,18 +50,26 @@ class ModelTask(Task[Any, Any]):
         max_retries: int | None = None,
         **options: Any,
     ) -> Any:
-        """Celery's retry, sent where the router chooses now rather than back to this worker."""
+        """Celery's retry, sent where the router chooses now rather than back to this worker.
+
+        When no retry is left, Celery raises without sending anything: then nothing is
+        routed either, or the claim taken for it would have no message behind it.
+        """
         spec = task_spec(self.name)
-        if spec is not None and "queue" not in options and isinstance(self.app, FleetApp):
-            call_kwargs = kwargs if kwargs is not None else self.request.kwargs
-            model = detect_required_model(self.name, call_kwargs)
-            route = self.app.router.route(self.name, spec.service, model)
-            # The retry is a new claim: this attempt's claim is released when it ends.
-            headers = dict(self.request.headers or {})
-            headers.pop(CLAIM_HEADER, None)
-            if route.worker_id is not None:
-                headers[CLAIM_HEADER] = route.worker_id
-            options.update(queue=route.queue, headers=headers)
+        limit = self.max_retries if max_retries is None else max_retries
+        exhausted = limit is not None and self.request.retries >= limit
+        if spec is None or exhausted or "queue" in options or not isinstance(self.app, FleetApp):
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        call_kwargs = kwargs if kwargs is not None else self.request.kwargs
+        model = detect_required_model(self.name, call_kwargs)
+        route = self.app.router.route(self.name, spec.service, model)
+        # The retry is a new message with a claim of its own; this attempt's claim is
+        # released when it ends (worker_tasks.outcomes).
+        headers = dict(self.request.headers or {})
+        headers.pop(CLAIM_HEADER, None)
+        if route.claim is not None:
+            headers[CLAIM_HEADER] = claim_header(route.claim)
+        options.update(queue=route.queue, headers=headers)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def worker_settings(self) -> WorkerSettings:

@@ -16,8 +16,15 @@ key                                 type    contents
 ``{ns}:known``                      hash    worker_id -> its queue, for every worker that has
                                             heartbeated and not left cleanly: the reaper
                                             looks here for workers that went silent
-``{ns}:inflight``                   hash    worker_id -> tasks routed to the worker that
-                                            have not finished yet (queued or running)
+``{ns}:claims:{worker_id}``         zset    one member per message routed to the worker
+                                            and not finished (queued or running): its
+                                            claim id, scored by the unix time the claim
+                                            lapses if nothing releases it; the worker's
+                                            in-flight count is its size
+``{ns}:released:{worker_id}``       zset    claim ids released before their claim was
+                                            written (the router writes claims in
+                                            batches): the claim is then never added;
+                                            scored by lapse time like the claims
 ``{ns}:leases``                     hash    JSON ``[model, worker_id]`` -> ``"ready_at
                                             expires_at"`` (unix s): the worker is loading the
                                             model, expected in memory at ``ready_at``; the
@@ -88,10 +95,23 @@ class Keys:
         """The hash of every worker that heartbeated and did not leave cleanly -> its queue."""
         return f"{self._tag}:known"
 
+    def claims(self, worker_id: str) -> str:
+        """The sorted set of messages routed to ``worker_id`` and not finished yet."""
+        return f"{self._tag}:claims:{worker_id}"
+
+    def released(self, worker_id: str) -> str:
+        """The sorted set of ``worker_id``'s claims released before they were written."""
+        return f"{self._tag}:released:{worker_id}"
+
     @property
-    def inflight(self) -> str:
-        """The hash of tasks routed to each worker and not finished yet."""
-        return f"{self._tag}:inflight"
+    def claims_prefix(self) -> str:
+        """The common prefix of every claims key (used by the registry's Lua scripts)."""
+        return f"{self._tag}:claims:"
+
+    @property
+    def released_prefix(self) -> str:
+        """The common prefix of every early-releases key (used by the Lua scripts)."""
+        return f"{self._tag}:released:"
 
     @property
     def leases(self) -> str:

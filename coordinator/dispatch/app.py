@@ -65,6 +65,7 @@ class FleetApp(Celery):
             decisions_kept=settings.decisions_kept,
             rng=random.Random(settings.routing_seed),
             lease_grace_s=lease_grace_s(settings.heartbeat_interval_s),
+            claim_lapse_s=settings.visibility_timeout_s,
         )
         _configure(app, settings)
         if set_as_current:

@@ -17,7 +17,7 @@ import redis
 from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.keys import Keys
 from coordinator.fleet import counters
-from coordinator.fleet.claims import CLAIM_HEADER, ClaimBuffer
+from coordinator.fleet.claims import CLAIM_HEADER, Claim, ClaimBuffer, claim_header, new_claim_id
 from coordinator.fleet.registry import Registry, Snapshot
 from coordinator.routing import Breakdown, CostPolicy, Policy
 from coordinator.routing.decisions import Outcome
@@ -36,10 +36,19 @@ WARN_EVERY_S: Final = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one task goes, and whose in-flight count it was added to (``None``: nobody's)."""
+    """Where one task goes, and whose in-flight count it was added to, under which claim id
+    (``None``: nobody's)."""
 
     queue: str
     worker_id: str | None
+    claim_id: str | None = field(default=None, compare=False)
+
+    @property
+    def claim(self) -> Claim | None:
+        """The claim the message carries in its :data:`CLAIM_HEADER`, if any."""
+        if self.worker_id is None or self.claim_id is None:
+            return None
+        return self.worker_id, self.claim_id
 
 
 @dataclass
@@ -75,6 +84,8 @@ class FleetRouter:
     wall_clock: Clock = time.time
     lease_grace_s: float = MIN_LEASE_GRACE_S
     """A lease is void this long after its load should be done (see :func:`lease_grace_s`)."""
+    claim_lapse_s: float = 3600.0
+    """A claim whose message nothing releases (lost) stops counting after this long."""
     demand: Demand = field(default_factory=Demand)
     """The models this router has been asked for: a policy may add copies of the busy
     ones (each publisher sees its own share of the demand)."""
@@ -93,7 +104,7 @@ class FleetRouter:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.claims = ClaimBuffer(self.registry, self.decisions_kept)
+        self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
 
     @property
     def keys(self) -> Keys:
@@ -115,14 +126,14 @@ class FleetRouter:
             return None  # not ours, or the caller chose a queue: theirs wins
         route = self.route(name, spec.service, detect_required_model(name, kwargs))
         result: dict[str, Any] = {"queue": route.queue}
-        if route.worker_id is not None:
+        if route.claim is not None:
             # The caller's options win over a route's keys, headers included, so a caller's
             # own headers get the claim added in place.
             headers = options.get("headers")
             if isinstance(headers, dict):
-                headers[CLAIM_HEADER] = route.worker_id
+                headers[CLAIM_HEADER] = claim_header(route.claim)
             else:
-                result["headers"] = {CLAIM_HEADER: route.worker_id}
+                result["headers"] = {CLAIM_HEADER: claim_header(route.claim)}
         return result
 
     def route(self, task: str, service: str, model: str | None) -> Route:
@@ -174,7 +185,8 @@ class FleetRouter:
         hit = model in heartbeat.models_in_memory if model is not None else None
         latency_s = time.perf_counter() - started
         counts = counters.routed(self.keys, winner.worker_id, service, hit, latency_s)
-        self.claims.add(winner.worker_id, decision, counts)
+        claim = (winner.worker_id, new_claim_id())
+        self.claims.add(claim, decision, counts)
         log.info(
             "routed %s (model %s) to %s, %s %.3f, best of %d",
             task,
@@ -187,7 +199,7 @@ class FleetRouter:
         if log.isEnabledFor(logging.DEBUG):
             for score in ranked:
                 log.debug("  candidate %s", score.as_dict())
-        return Route(queue, winner.worker_id)
+        return Route(queue, *claim)
 
     def refresh(self) -> None:
         """Take a registry snapshot now instead of reusing one up to ``refresh_s`` old."""

@@ -6,9 +6,11 @@ claims (and the decisions kept for operators) are buffered and written in one co
 a burst), and at exit. Other publishers see them at their next registry snapshot, which
 they take every ``REGISTRY_REFRESH_S`` anyway.
 
-A worker may release a task before its claim is written: the count then dips below zero
-for a moment and is whole again when the claim lands, because every claim is written and
-every released task carried a claim (the router marks claimed messages with a header).
+Each routed message carries its claim in a header (:data:`CLAIM_HEADER`: the worker and a
+claim id of its own), and whatever ends the message releases that claim by id
+(``worker_tasks.outcomes``), exactly once: a second release changes nothing, and a release
+that comes before the batch with its claim is written keeps the claim from being added
+(``fleet/lua/release.lua``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,8 +32,34 @@ from coordinator.fleet.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CLAIM_HEADER: Final = "aiq_claimed_by"
-"""Message header naming the worker whose in-flight count a routed task was added to."""
+CLAIM_HEADER: Final = "aiq_claim"
+"""Message header ``[worker_id, claim_id]``: whose in-flight count a routed message was added
+to, under which id."""
+
+Claim = tuple[str, str]
+"""(worker_id, claim_id)"""
+
+
+def new_claim_id() -> str:
+    """A fresh claim id: one per routed message (a retry is a new message, a new claim)."""
+    return uuid.uuid4().hex
+
+
+def claim_header(claim: Claim) -> list[str]:
+    """The header value carrying ``claim``."""
+    return [claim[0], claim[1]]
+
+
+def parse_claim(value: object) -> Claim | None:
+    """The claim a message's header carries; ``None`` for none or a malformed one."""
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    ):
+        return value[0], value[1]
+    return None
+
 
 MAX_UNWRITTEN_DECISIONS: Final = 10_000
 RETRY_S: Final = 2.0
@@ -43,11 +72,13 @@ class ClaimBuffer:
 
     registry: Registry
     decisions_kept: int = 1000
+    lapse_s: float = 3600.0
+    """A claim nothing releases (its message lost) stops counting after this long."""
     flush_s: float = 0.05
     max_batch: int = 256
     clock: Callable[[], float] = time.monotonic
 
-    _claims: dict[str, int] = field(default_factory=dict, init=False)
+    _claims: dict[str, list[str]] = field(default_factory=dict, init=False)
     _decisions: list[str] = field(default_factory=list, init=False)
     _counters: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
     _first_at: float | None = field(default=None, init=False)
@@ -62,15 +93,15 @@ class ClaimBuffer:
 
     def add(
         self,
-        worker_id: str | None,
+        claim: Claim | None,
         decision: str | None,
         counts: Iterable[tuple[str, str, float]] = (),
     ) -> None:
-        """Count one task against ``worker_id`` (if any), keep ``decision`` and add ``counts``
-        (``(hash key, field, amount)`` metric increments); all written soon."""
+        """Count one message against its claim's worker (if any), keep ``decision`` and add
+        ``counts`` (``(hash key, field, amount)`` metric increments); all written soon."""
         with self._lock:
-            if worker_id is not None:
-                self._claims[worker_id] = self._claims.get(worker_id, 0) + 1
+            if claim is not None:
+                self._claims.setdefault(claim[0], []).append(claim[1])
             for key, name, amount in counts:
                 self._counters[key, name] = self._counters.get((key, name), 0.0) + amount
             if decision is not None and self.decisions_kept > 0:
@@ -78,7 +109,7 @@ class ClaimBuffer:
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
             if self._first_at is None:
                 self._first_at = self.clock()
-            due = len(self._decisions) + sum(self._claims.values()) >= self.max_batch
+            due = len(self._decisions) + sum(map(len, self._claims.values())) >= self.max_batch
         if due:
             self.flush()
         else:
@@ -87,7 +118,17 @@ class ClaimBuffer:
     def pending(self) -> dict[str, int]:
         """Claims not written yet, per worker."""
         with self._lock:
-            return dict(self._claims)
+            return {worker_id: len(ids) for worker_id, ids in self._claims.items()}
+
+    def cancel(self, claim: Claim) -> None:
+        """Take back a claim whose message did not go where it said (a reaper that lost the
+        race for it): dropped here when not written yet, else released in Redis."""
+        with self._lock:
+            ids = self._claims.get(claim[0], [])
+            if claim[1] in ids:
+                ids.remove(claim[1])
+                return
+        self.registry.release(*claim, lapse_s=self.lapse_s)
 
     def flush(self) -> dict[str, int] | None:
         """Write everything buffered in one command; returns the written workers' counts.
@@ -100,14 +141,16 @@ class ClaimBuffer:
         if not claims and not decisions and not counters:
             return {}
         try:
-            written = self.registry.claim_many(claims, decisions, self.decisions_kept, counters)
+            written = self.registry.claim_many(
+                claims, decisions, self.decisions_kept, counters, self.lapse_s
+            )
         except redis.RedisError as exc:
             if not self._failing:
                 log.warning("in-flight claims not written, kept for later: %s", exc)
             self._failing = True
             with self._lock:
-                for worker_id, count in claims.items():
-                    self._claims[worker_id] = self._claims.get(worker_id, 0) + count
+                for worker_id, ids in claims.items():
+                    self._claims.setdefault(worker_id, [])[:0] = ids
                 for key, amount in counters.items():
                     self._counters[key] = self._counters.get(key, 0.0) + amount
                 self._decisions[:0] = decisions

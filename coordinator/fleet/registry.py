@@ -133,8 +133,8 @@ class Registry:
 
     def __post_init__(self) -> None:
         self._snapshot_script = self.client.register_script(lua_script("snapshot"))
-        self._release_script = self.client.register_script(lua_script("release"))
         self._claim_script = self.client.register_script(lua_script("claim"))
+        self._release_script = self.client.register_script(lua_script("release"))
         self._lease_script = self.client.register_script(lua_script("lease"))
 
     def publish(self, heartbeat: Heartbeat) -> None:
@@ -154,7 +154,7 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.keys.worker(worker_id))
         pipe.srem(self.keys.workers, worker_id)
-        pipe.hdel(self.keys.inflight, worker_id)
+        pipe.delete(self.keys.claims(worker_id), self.keys.released(worker_id))
         pipe.hdel(self.keys.known, worker_id)
         pipe.execute()
 
@@ -170,9 +170,15 @@ class Registry:
         A malformed heartbeat is skipped with a warning naming the worker (once per distinct
         payload, so a broken worker does not flood the log at every refresh).
         """
+        at = time.time() if now is None else now
         beats, flight, leases = self._snapshot_script(
-            keys=[self.keys.workers, self.keys.inflight, self.keys.leases],
-            args=[self.keys.worker_prefix],
+            keys=[self.keys.workers, self.keys.leases],
+            args=[
+                self.keys.worker_prefix,
+                self.keys.claims_prefix,
+                self.keys.released_prefix,
+                repr(at),
+            ],
         )
         heartbeats = []
         for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
@@ -181,9 +187,7 @@ class Registry:
             except HeartbeatError as exc:
                 self._warn_once(worker_id, raw, exc)
         in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
-        return Snapshot(
-            tuple(heartbeats), in_flight, _leases(leases, time.time() if now is None else now)
-        )
+        return Snapshot(tuple(heartbeats), in_flight, _leases(leases, at))
 
     def live_workers(self) -> list[Heartbeat]:
         """Every live, well-formed heartbeat."""
@@ -191,19 +195,23 @@ class Registry:
 
     def claim_many(
         self,
-        claims: Mapping[str, int],
+        claims: Mapping[str, Sequence[str]],
         decisions: Sequence[str],
         keep: int,
         counters: Mapping[tuple[str, str], float] | None = None,
+        lapse_s: float = 3600.0,
     ) -> dict[str, int]:
-        """Add ``claims`` to the in-flight counts, ``counters`` to their hash fields
-        (``(key, field) -> amount``) and keep ``decisions``, in one command.
+        """Add ``claims`` (worker -> claim ids) to the workers' in-flight sets, ``counters``
+        to their hash fields (``(key, field) -> amount``) and keep ``decisions``, in one
+        command. A claim nothing releases lapses ``lapse_s`` from now.
 
-        Returns the new count of each claimed worker.
+        Returns the new in-flight count of each claimed worker.
         """
-        args: list[str | int | float] = [keep, len(claims)]
-        for worker_id, count in claims.items():
-            args += [worker_id, count]
+        lapse_at = repr(time.time() + lapse_s)
+        args: list[str | int | float] = [keep, self.keys.claims_prefix, self.keys.released_prefix]
+        args += [lapse_at, len(claims)]
+        for worker_id, ids in claims.items():
+            args += [worker_id, len(ids), *ids]
         counters = counters or {}
         args.append(len(counters))
         for (key, name), amount in counters.items():
@@ -212,7 +220,7 @@ class Registry:
         # unpack() takes a few thousand values at most, hence the cap.
         if keep > 0:
             args += decisions[-min(keep, MAX_DECISIONS_PER_WRITE) :]
-        flat = self._claim_script(keys=[self.keys.inflight, self.keys.decisions], args=args)
+        flat = self._claim_script(keys=[self.keys.decisions], args=args)
         return {str(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
     def acquire_lease(
@@ -243,13 +251,18 @@ class Registry:
         holders = {str(worker): _ready_at(str(ready), now) for worker, ready in pairs}
         return LeaseResult(bool(int(flat[0])), holders)
 
-    def release(self, worker_id: str) -> int:
-        """One task claimed for ``worker_id`` finished; returns the count left."""
-        return int(self._release_script(keys=[self.keys.inflight], args=[worker_id]))
+    def release(self, worker_id: str, claim_id: str, lapse_s: float = 3600.0) -> bool:
+        """The message claimed as ``claim_id`` for ``worker_id`` is done with. Exactly once:
+        a second release changes nothing, and a release that comes before the claim is
+        written keeps the claim from being added. ``False`` when no written claim was
+        there."""
+        keys = [self.keys.claims(worker_id), self.keys.released(worker_id)]
+        lapse_at = repr(time.time() + lapse_s)
+        return bool(self._release_script(keys=keys, args=[claim_id, lapse_at]))
 
-    def reset_in_flight(self, worker_id: str) -> None:
-        """Start a (re)started worker's count from zero."""
-        self.client.hdel(self.keys.inflight, worker_id)
+    def forget_claims(self, worker_id: str) -> None:
+        """Drop every claim on ``worker_id`` (a dead worker whose messages were moved)."""
+        self.client.delete(self.keys.claims(worker_id), self.keys.released(worker_id))
 
     def recent_decisions(self, limit: int = 50) -> Sequence[str]:
         """The newest ``limit`` decisions as stored (JSON), newest first."""

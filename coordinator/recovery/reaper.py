@@ -35,7 +35,7 @@ from coordinator.broadcast.job_types import JOB_TYPES
 from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.dispatch.router import Route
-from coordinator.fleet.claims import CLAIM_HEADER
+from coordinator.fleet.claims import CLAIM_HEADER, claim_header
 from coordinator.fleet.lua import lua_script
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ class Reaper:
         self.app.router.claims.flush()
         pipe = client.pipeline(transaction=False)
         pipe.hdel(self.app.registry.keys.known, worker_id)
-        pipe.hdel(self.app.registry.keys.inflight, worker_id)
+        pipe.delete(self.app.registry.keys.claims(worker_id))
+        pipe.delete(self.app.registry.keys.released(worker_id))
         pipe.execute()
         log.warning(
             "reaped dead worker %s: moved %s, dropped %d replicated broadcast job(s) %s",
@@ -177,8 +178,8 @@ class Reaper:
             moved = self._move_queued(keys=[source, queue], args=[old, new])
         if moved != 1:
             report.lost_race += 1
-            if target is not None and target.worker_id is not None:
-                self.app.registry.release(target.worker_id)  # undo the claim: not ours
+            if target is not None and target.claim is not None:
+                self.app.router.claims.cancel(target.claim)  # not ours to move after all
             return
         if target is None:
             report.dropped.append(str(payload.get("headers", {}).get("id")))
@@ -193,8 +194,7 @@ class Reaper:
         spec = task_spec(task)
         if spec is not None:
             kwargs = _body(payload)[1]
-            route = self.app.router.route(task, spec.service, detect_required_model(task, kwargs))
-            return Route(route.queue, route.worker_id)
+            return self.app.router.route(task, spec.service, detect_required_model(task, kwargs))
         if task == RUN_JOB:
             args = _body(payload)[0]
             job = JOB_TYPES.get(args[0]) if args else None
@@ -228,8 +228,8 @@ def _rewrite(payload: dict[str, Any], target: Route | None) -> str:
     moved = json.loads(json.dumps(payload))
     headers = moved.setdefault("headers", {})
     headers.pop(CLAIM_HEADER, None)
-    if target.worker_id is not None:
-        headers[CLAIM_HEADER] = target.worker_id
+    if target.claim is not None:
+        headers[CLAIM_HEADER] = claim_header(target.claim)
     properties = moved.setdefault("properties", {})
     properties["delivery_info"] = {"exchange": target.queue, "routing_key": target.queue}
     return json.dumps(moved)

@@ -8,7 +8,7 @@ script                 does
 =====================  ============================================================
 ``snapshot.lua``       reads live heartbeats, in-flight counts and leases at once
 ``claim.lua``          adds a batch of claims, metric counts and decisions
-``release.lua``        releases one finished task's claim
+``release.lua``        releases one message's claim (exactly once, even before it is written)
 ``lease.lua``          takes a model-load lease (compare-and-set on its holders)
 ``move_queued.lua``    moves one message out of a dead worker's queue
 ``move_unacked.lua``   moves one unacknowledged message of a dead worker

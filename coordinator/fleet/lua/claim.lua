@@ -1,20 +1,25 @@
--- Add a batch of claims, bump metric counters and keep decisions, as one command. ARGV:
--- keep, n, then n (worker, count) pairs, then m, then m (hash, field, amount) triples, then
--- the decisions. Returns the new in-flight counts of the claimed workers.
--- KEYS: the inflight hash, the decisions list.
+-- Add a batch of claims, bump metric counters and keep decisions, as one command.
+-- A claim already released (see release.lua) is not added.
+-- KEYS: the decisions list. ARGV: keep, the claims key prefix, the early releases key
+-- prefix, the claims' lapse time (unix s), n, then n (worker, k, k claim ids) groups, then m, then m (hash, field, amount)
+-- triples, then the decisions. Returns the new in-flight counts of the claimed workers.
 local keep = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local prefix, released, lapse = ARGV[2], ARGV[3], ARGV[4]
+local n = tonumber(ARGV[5])
+local at = 6
 local counts = {}
-for i = 0, n - 1 do
-  local worker = ARGV[3 + 2 * i]
-  local count = redis.call('HINCRBY', KEYS[1], worker, tonumber(ARGV[4 + 2 * i]))
-  if count == 0 then
-    redis.call('HDEL', KEYS[1], worker)
+for _ = 1, n do
+  local worker, k = ARGV[at], tonumber(ARGV[at + 1])
+  local key, early = prefix .. worker, released .. worker
+  for j = at + 2, at + 1 + k do
+    if redis.call('ZREM', early, ARGV[j]) == 0 then
+      redis.call('ZADD', key, lapse, ARGV[j])
+    end
   end
   counts[#counts + 1] = worker
-  counts[#counts + 1] = count
+  counts[#counts + 1] = redis.call('ZCARD', key)
+  at = at + 2 + k
 end
-local at = 3 + 2 * n
 local m = tonumber(ARGV[at])
 for i = 0, m - 1 do
   local base = at + 1 + 3 * i
@@ -22,7 +27,7 @@ for i = 0, m - 1 do
 end
 local first = at + 1 + 3 * m
 if keep > 0 and #ARGV >= first then
-  redis.call('LPUSH', KEYS[2], unpack(ARGV, first))
-  redis.call('LTRIM', KEYS[2], 0, keep - 1)
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, first))
+  redis.call('LTRIM', KEYS[1], 0, keep - 1)
 end
 return counts

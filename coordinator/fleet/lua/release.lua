@@ -1,8 +1,10 @@
--- A finished task releases its claim. A count at zero is deleted to keep the hash small; it
--- may dip below zero while the claim is still buffered in its publisher.
--- KEYS: the inflight hash. ARGV: the worker id.
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if left == 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
+-- A message's outcome releases its claim. The router writes claims in batches, so a fast
+-- task may end before its claim is written: then the release is kept (a tombstone) and the
+-- claim, when it comes, is not added. Releasing twice leaves one tombstone, never a count.
+-- KEYS: the worker's claims, the worker's early releases. ARGV: the claim id, its lapse
+-- time (unix s). Returns 1 when a written claim was released, else 0.
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  return 1
 end
-return left
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 0

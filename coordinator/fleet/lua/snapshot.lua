@@ -1,15 +1,27 @@
 -- One round trip for the whole fleet: live heartbeats, in-flight counts and leases. Ids
--- whose heartbeat has expired are pruned here, so the index never grows without bound.
--- KEYS: the workers set, the inflight hash, the leases hash. ARGV: the heartbeat key prefix.
+-- whose heartbeat has expired are pruned here, so the index never grows without bound, and
+-- so are lapsed claims of the live workers.
+-- KEYS: the workers set, the leases hash. ARGV: the heartbeat key prefix, the claims key
+-- prefix, the early releases key prefix, now (unix s). Returns {id, heartbeat, ...}, {id, in-flight count, ...}, leases.
 local ids = redis.call('SMEMBERS', KEYS[1])
-local beats = {}
+local beats, flight = {}, {}
 for _, id in ipairs(ids) do
   local raw = redis.call('GET', ARGV[1] .. id)
   if raw then
     beats[#beats + 1] = id
     beats[#beats + 1] = raw
+    local claims = ARGV[2] .. id
+    -- pcall: a key of the wrong type (written by anyone with access) counts as no claims
+    -- rather than failing every router's snapshot.
+    redis.pcall('ZREMRANGEBYSCORE', claims, '-inf', '(' .. ARGV[4])
+    redis.pcall('ZREMRANGEBYSCORE', ARGV[3] .. id, '-inf', '(' .. ARGV[4])
+    local count = redis.pcall('ZCARD', claims)
+    if type(count) == 'number' and count > 0 then
+      flight[#flight + 1] = id
+      flight[#flight + 1] = count
+    end
   else
     redis.call('SREM', KEYS[1], id)
   end
 end
-return {beats, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+return {beats, flight, redis.call('HGETALL', KEYS[2])}

@@ -1,0 +1,87 @@
+"""Every way a claimed message ends on a worker releases its claim: one owner, one hook per
+outcome.
+
+The router counts each message it sends to a worker against that worker (its claim, in the
+message's ``aiq_claim`` header); the count is what keeps a burst from herding onto one
+worker, so a claim left behind makes a worker look busy until it lapses. A release is by
+claim id and exactly once (``coordinator/fleet/lua/release.lua``), so a hook may see an
+outcome another hook saw too.
+
+===========================  ===============================  ===========================
+outcome                      where it is seen                 hook
+===========================  ===============================  ===========================
+success, failure             the process that ran the task    ``task_postrun``
+retry                        the process that ran the task    ``task_postrun`` (the retry
+                                                              message carries a claim of
+                                                              its own)
+retries exhausted            the process that ran the task    ``task_postrun`` (no retry
+                                                              was routed: ``ModelTask``)
+revoked, expired             the worker's main process        ``task_revoked``
+rejected (bad message)       the worker's main process        ``task_rejected``
+unknown task                 the worker's main process        ``task_unknown``
+pool process lost            the message goes back to the     none: the claim stays with
+                             queue (``task_reject_on_worker_  the message and is released
+                             lost``)                          when it runs
+worker lost                  the reaper                       the reaper moves the claim
+                                                              with the message
+===========================  ===============================  ===========================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery import Task, signals
+
+from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
+
+if TYPE_CHECKING:
+    from worker_tasks.worker_app import WorkerApp
+
+log = logging.getLogger(__name__)
+
+
+def release(app: WorkerApp, header: object) -> None:
+    """Release the claim a message carried (none: nothing to do). Never raises: a lost
+    release costs balance until the claim lapses, never the task."""
+    claim = parse_claim(header)
+    if claim is None:
+        return
+    try:
+        app.registry.release(*claim, lapse_s=app.router.claim_lapse_s)
+    except Exception as exc:
+        log.warning("could not release the claim of %s on %s: %s", claim[1], claim[0], exc)
+
+
+def _header(headers: Mapping[str, Any] | None) -> object:
+    return (headers or {}).get(CLAIM_HEADER)
+
+
+def install(app: WorkerApp) -> None:
+    """Connect one hook per outcome (see the table above) for ``app``'s tasks."""
+
+    @signals.task_postrun.connect(weak=False)
+    def _ran(
+        sender: Task[Any, Any] | None = None, task: Task[Any, Any] | None = None, **_: Any
+    ) -> None:
+        task = task or sender
+        if task is not None and task.app is app:
+            release(app, getattr(task.request, CLAIM_HEADER, None))
+
+    @signals.task_revoked.connect(weak=False)
+    def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+        # Revoked and expired messages never run, so task_postrun never sees them.
+        if getattr(sender, "app", None) is app and request is not None:
+            release(app, getattr(request, CLAIM_HEADER, None))
+
+    @signals.task_rejected.connect(weak=False)
+    def _rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app and message is not None:
+            release(app, _header(message.headers))
+
+    @signals.task_unknown.connect(weak=False)
+    def _unknown(sender: Any = None, message: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app and message is not None:
+            release(app, _header(message.headers))
