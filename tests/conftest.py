@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import FleetApp, create_app
 from coordinator.fleet.registry import Registry, redis_client
 from coordinator.ops.api import create_api
+from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,3 +341,16 @@ def client(app: FleetApp) -> Iterator[TestClient]:
     """The admin API over the test app, without a token."""
     with TestClient(create_api(app, token=None)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def reaper_thread(app: FleetApp, settings: CoordinatorSettings) -> Iterator[Reaper]:
+    """A reaper scanning every heartbeat interval in this process, as `coordinator serve`
+    runs it."""
+    reaper = Reaper(app, settings.grace_s)
+    stop = threading.Event()
+    thread = threading.Thread(target=reaper.run, args=(settings.heartbeat_interval_s, stop))
+    thread.start()
+    yield reaper
+    stop.set()
+    thread.join(timeout=10)

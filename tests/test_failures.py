@@ -8,9 +8,8 @@ import json
 import multiprocessing
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,19 +32,6 @@ UNTRUSTED = "pickle"  # what an attacker with write access to Redis would send
 
 def generate_requests(*servers: SimulatedModelServer) -> int:
     return sum(s.request_count("POST", "/api/generate") for s in servers)
-
-
-@pytest.fixture
-def reaper_thread(app: FleetApp, settings: CoordinatorSettings) -> Iterator[Reaper]:
-    """A reaper scanning every heartbeat interval in this process, as `coordinator serve`
-    runs it."""
-    reaper = Reaper(app, settings.grace_s)
-    stop = threading.Event()
-    thread = threading.Thread(target=reaper.run, args=(settings.heartbeat_interval_s, stop))
-    thread.start()
-    yield reaper
-    stop.set()
-    thread.join(timeout=10)
 
 
 def fleet_with_a_victim(

@@ -1,0 +1,116 @@
+"""Claims: every message routed to a worker is counted against it until its outcome, from any
+number of publishing threads, and released exactly once whatever the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from coordinator.core.catalog import GENERATE
+from coordinator.core.heartbeat import Heartbeat
+from coordinator.dispatch.app import FleetApp
+from coordinator.fleet.registry import Registry
+from coordinator.ops import admin
+from coordinator.recovery.reaper import Reaper
+from coordinator.sim.servers.ollama import SimulatedModelServer
+from tests.conftest import WorkerFactory, wait_for, wait_for_worker
+from worker_tasks.tasks import generate
+
+THREADS = 8
+ROUTES_PER_THREAD = 1_500
+
+
+def test_routing_from_many_threads_counts_every_task_and_never_raises(
+    app: FleetApp, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    lasting = Registry(registry.client, registry.keys, ttl_s=600.0)  # outlives the test
+    for n in range(4):
+        lasting.publish(
+            Heartbeat(
+                worker_id=f"w{n}",
+                loaded_models=("warm", "cold"),
+                models_in_memory=("warm",) if n < 2 else (),
+                services_status={"vllm": "healthy"},
+            )
+        )
+    router = app.router
+    router.refresh_s = 0.002  # snapshots, pools and leases change under the threads' feet
+    routed: list[int] = []
+
+    def publish(offset: int) -> None:
+        models = ("warm", "cold", "nowhere")
+        count = 0
+        for i in range(ROUTES_PER_THREAD):
+            route = router.route(GENERATE, "vllm", models[(i + offset) % 3])
+            count += route.worker_id is not None
+        routed.append(count)
+
+    with caplog.at_level(logging.ERROR, logger="coordinator.dispatch.router"):
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert routed == [ROUTES_PER_THREAD] * THREADS
+    router.claims.flush()
+    assert sum(registry.snapshot().in_flight.values()) == THREADS * ROUTES_PER_THREAD
+
+
+def in_flight(registry: Registry) -> dict[str, int]:
+    """What ``coordinator workers --json`` reports, per worker."""
+    return {view.worker_id: view.in_flight for view in admin.workers(registry)}
+
+
+@pytest.mark.e2e
+def test_every_claim_is_released_after_a_mixed_workload(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+    reaper_thread: Reaper,
+) -> None:
+    a_server = fake_server("a", ["alpha", "beta"], ["alpha"])
+    b_server = fake_server("b", ["beta"], ["beta"])
+    workers = [
+        start_worker(worker_id, tier="gpu", server=server, wait=False)
+        for worker_id, server in (("a", a_server), ("b", b_server))
+    ]
+    for worker in workers:
+        wait_for_worker(registry, worker)
+
+    # Successes, and failures at once (a model nobody has answers 404).
+    done = [generate.delay(f"ok {n}", model="alpha") for n in range(10)]
+    done += [generate.delay("nobody has it", model="gamma") for _ in range(3)]
+    for result in done:
+        result.get(timeout=30, propagate=False)
+
+    # Retries until they run out: the service answers 503 to every attempt.
+    a_server.set_fault(fail_with=503)
+    retried = generate.delay("unlucky", model="alpha")
+    retried.get(timeout=60, propagate=False)
+    a_server.set_fault(fail_with=None)
+
+    # Revoked and expired messages wait behind slow ones on b; then b dies with its queue,
+    # and the reaper moves what is left to a.
+    b_server.set_fault(delay_s=1.0)
+    late = [generate.delay(f"slow {n}", model="beta") for n in range(4)]
+    late += [generate.apply_async(("stale",), {"model": "beta"}, expires=0.5) for _ in range(2)]
+    revoked = [generate.delay("changed my mind", model="beta") for _ in range(2)]
+    for result in revoked:
+        result.revoke()
+    wait_for(lambda: b_server.request_count("POST", "/api/generate") >= 1, 20, "b to be busy")
+    os.kill(workers[1].proc.pid, signal.SIGKILL)
+    workers[1].proc.wait(timeout=10)
+    for result in late + revoked:
+        result.get(timeout=60, propagate=False)
+
+    assert retried.failed()
+    assert {r.state for r in revoked} == {"REVOKED"}
+    wait_for(lambda: set(in_flight(registry).values()) == {0}, 10, "every claim released")
+    assert set(in_flight(registry)) == {"a"}
