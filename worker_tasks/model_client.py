@@ -6,7 +6,12 @@ from typing import Any
 
 import httpx
 
-from coordinator.core.errors import ServiceError, ServiceUnavailableError
+from coordinator.core.errors import (
+    ModelNotFoundError,
+    ServiceError,
+    ServiceUnavailableError,
+    ServiceUnreachableError,
+)
 
 
 def get_json(client: httpx.Client, url: str) -> dict[str, Any]:
@@ -30,7 +35,9 @@ def _request(
     try:
         response = client.request(method, url, json=body)
     except httpx.TimeoutException as exc:
-        raise ServiceUnavailableError(url, f"timed out: {exc}") from None
+        raise ServiceUnreachableError(url, f"timed out: {exc}") from None
+    except httpx.TransportError as exc:
+        raise ServiceUnreachableError(url, f"{type(exc).__name__}: {exc}") from None
     except httpx.HTTPError as exc:
         raise ServiceUnavailableError(url, f"{type(exc).__name__}: {exc}") from None
     if response.status_code >= 400:
@@ -42,6 +49,8 @@ def _request(
         # 4xx will fail the same way again (unknown model, bad request); 5xx may pass.
         if response.status_code >= 500 or response.status_code == 429:
             raise ServiceUnavailableError(url, reason)
+        if response.status_code == 404 and "model" in reason.lower() and "not found" in reason:
+            raise ModelNotFoundError(url, reason)
         raise ServiceError(url, reason)
     try:
         payload = response.json()

@@ -1,93 +1,25 @@
-"""The model tasks applications call: ``generate``, ``ocr`` and ``embed``.
-
-Retry policy: a :class:`ServiceUnavailableError` failure (connection refused, timeout, HTTP 5xx
-or 429) is retried up to 3 times with exponential backoff and jitter (2 s, 4 s, 8 s, at most
-60 s), and each retry is routed afresh, so it can move to a healthier worker. Any other
-failure (unknown model, bad input, HTTP 4xx) fails the task at once with the reason.
-"""
+"""The model tasks applications call: ``generate``, ``ocr`` and ``embed``; their retry
+and rerouting policy is :class:`~worker_tasks.model_task.ModelTask`'s."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
-from celery import Task, shared_task
+from celery import shared_task
 from celery.local import Proxy
 
-from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS, detect_required_model, task_spec
-from coordinator.core.errors import ServiceUnavailableError, TaskInputError
-from coordinator.core.settings import WorkerSettings, load_settings
-from coordinator.dispatch.app import FleetApp, default_app
-from coordinator.fleet.claims import CLAIM_HEADER, claim_header
+from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS
+from coordinator.core.errors import TaskInputError
+from coordinator.dispatch.app import default_app
 from worker_tasks import model_client
+from worker_tasks.model_task import ModelTask
 
 OCR_PROMPT = "Extract all text from this image. Answer with the text only."
 MAX_EMBED_TEXTS = 1024
-
-
-class ModelTask(Task[Any, Any]):
-    """Base of the model tasks: retries transient service failures, re-routed."""
-
-    autoretry_for = (ServiceUnavailableError,)
-    max_retries = 3
-    retry_backoff = 2
-    retry_backoff_max = 60
-    retry_jitter = True
-
-    def retry(
-        self,
-        args: Any = None,
-        kwargs: Any = None,
-        exc: Exception | None = None,
-        throw: bool = True,
-        eta: Any = None,
-        countdown: float | None = None,
-        max_retries: int | None = None,
-        **options: Any,
-    ) -> Any:
-        """Celery's retry, sent where the router chooses now rather than back to this worker.
-
-        When no retry is left, Celery raises without sending anything: then nothing is
-        routed either, or the claim taken for it would have no message behind it.
-        """
-        spec = task_spec(self.name)
-        limit = self.max_retries if max_retries is None else max_retries
-        exhausted = limit is not None and self.request.retries >= limit
-        if spec is None or exhausted or "queue" in options or not isinstance(self.app, FleetApp):
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        call_kwargs = kwargs if kwargs is not None else self.request.kwargs
-        model = detect_required_model(self.name, call_kwargs)
-        route = self.app.router.route(self.name, spec.service, model)
-        # The retry is a new message with a claim of its own; this attempt's claim is
-        # released when it ends (worker_tasks.outcomes).
-        headers = dict(self.request.headers or {})
-        headers.pop(CLAIM_HEADER, None)
-        if route.claim is not None:
-            headers[CLAIM_HEADER] = claim_header(route.claim)
-        options.update(queue=route.queue, headers=headers)
-        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-
-    def worker_settings(self) -> WorkerSettings:
-        """This worker's settings (read from the environment outside a started worker)."""
-        runtime = getattr(self.app, "runtime", None)
-        return runtime.settings if runtime is not None else load_settings(WorkerSettings)
-
-    def http(self, settings: WorkerSettings) -> httpx.Client:
-        """A client with the model-call timeout."""
-        return httpx.Client(timeout=settings.model_timeout_s)
-
-    def record(self, model: str, answer: Mapping[str, Any], started: float) -> None:
-        """Add a model call that began at ``started`` (``time.monotonic()``) to this worker's
-        model statistics, which its heartbeat reports; outside a started worker there are
-        none."""
-        runtime = getattr(self.app, "runtime", None)
-        if runtime is not None:
-            runtime.stats.record_answer(model, answer, time.monotonic() - started)
 
 
 def _text(value: object, name: str) -> str:

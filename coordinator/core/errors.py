@@ -40,6 +40,15 @@ class ServiceUnavailableError(ServiceError):
     """The failure may pass: connection refused, timeout, or a 5xx answer. Tasks retry it."""
 
 
+class ServiceUnreachableError(ServiceUnavailableError):
+    """Nobody answered (connection refused, timeout): the service is down, not just busy, so
+    the worker leaves routing for it at once rather than at its next heartbeat."""
+
+
+class ModelNotFoundError(ServiceError):
+    """The service answered 404 for the model: this worker does not have it."""
+
+
 class TaskInputError(CoordinatorError):
     """A task was called with arguments it cannot use."""
 

@@ -21,6 +21,10 @@ key                                 type    contents
                                             claim id, scored by the unix time the claim
                                             lapses if nothing releases it; the worker's
                                             in-flight count is its size
+``{ns}:down:{worker_id}``           hash    service -> unix time until which the worker's
+                                            service counts as unhealthy: a task found it
+                                            unreachable, and the router must not wait for
+                                            the next heartbeat to know
 ``{ns}:released:{worker_id}``       zset    claim ids released before their claim was
                                             written (the router writes claims in
                                             batches): the claim is then never added;
@@ -107,6 +111,15 @@ class Keys:
     def claims_prefix(self) -> str:
         """The common prefix of every claims key (used by the registry's Lua scripts)."""
         return f"{self._tag}:claims:"
+
+    def down(self, worker_id: str) -> str:
+        """The hash of ``worker_id``'s services found unreachable, until when."""
+        return f"{self._tag}:down:{worker_id}"
+
+    @property
+    def down_prefix(self) -> str:
+        """The common prefix of every down key (used by the registry's Lua scripts)."""
+        return f"{self._tag}:down:"
 
     @property
     def released_prefix(self) -> str:

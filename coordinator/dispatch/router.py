@@ -136,23 +136,28 @@ class FleetRouter:
                 result["headers"] = {CLAIM_HEADER: claim_header(route.claim)}
         return result
 
-    def route(self, task: str, service: str, model: str | None) -> Route:
+    def route(
+        self, task: str, service: str, model: str | None, exclude: frozenset[str] = frozenset()
+    ) -> Route:
         """Choose the queue for one task and count it against the chosen worker.
 
         Safe from any number of threads (a web server's pool, a worker's chord bodies): one
         decision at a time reads and changes the router's view. Never raises: whatever goes
         wrong, the task goes to its service's shared queue, because a publish must not fail
-        for routing's sake.
+        for routing's sake. Workers in ``exclude`` are not considered (one that just said it
+        does not have the model).
         """
         started = time.perf_counter()
         try:
             with self._lock:
-                return self._route(task, service, model, started)
+                return self._route(task, service, model, started, exclude)
         except Exception as exc:
             log.exception("routing %s (model %s) failed", task, model)
             return self._fallback(task, service, model, "fallback_error", started, exc)
 
-    def _route(self, task: str, service: str, model: str | None, started: float) -> Route:
+    def _route(
+        self, task: str, service: str, model: str | None, started: float, exclude: frozenset[str]
+    ) -> Route:
         now = self.clock()
         if model is not None:
             self.demand.record(model, now)
@@ -163,6 +168,8 @@ class FleetRouter:
         except redis.RedisError as exc:
             self._down_until = now + self.retry_after_s
             return self._fallback(task, service, model, "fallback_registry_down", started, exc)
+        if exclude:
+            pool = [c for c in pool if c.heartbeat.worker_id not in exclude]
         ranked = self.policy.rank(
             pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
         )
@@ -171,7 +178,9 @@ class FleetRouter:
         chosen = self._candidate(pool, ranked[0].worker_id)
         load = self.policy.starts_load(chosen, ranked[0])
         if load is not None:
-            pool, ranked, chosen = self._lease_or_rerank(service, model, load, pool, ranked, chosen)
+            pool, ranked, chosen = self._lease_or_rerank(
+                service, model, load, (pool, ranked, chosen), exclude
+            )
         winner, heartbeat = ranked[0], chosen.heartbeat
         queue = heartbeat.queue or self.keys.worker_queue(winner.worker_id)
         self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
@@ -246,9 +255,8 @@ class FleetRouter:
         service: str,
         model: str | None,
         load: tuple[str, float],
-        pool: list[Any],
-        ranked: list[Breakdown],
-        chosen: Any,
+        decision: tuple[list[Any], list[Breakdown], Any],
+        exclude: frozenset[str],
     ) -> tuple[list[Any], list[Breakdown], Any]:
         """Take the lease ``chosen`` needs to load ``load``'s model before routing to it.
 
@@ -257,10 +265,11 @@ class FleetRouter:
         again, or Redis failing, route anyway: a load too many costs less than a task
         bounced around. Returns the pool, ranking and candidate to route by.
         """
+        pool, ranked, chosen = decision
         if self._take_lease(load, chosen.heartbeat.worker_id) is not False:
-            return pool, ranked, chosen
+            return decision
         # Same snapshot, fresh holders: never empty, and no Redis call on the way.
-        pool = self._prepare(service, model)
+        pool = [c for c in self._prepare(service, model) if c.heartbeat.worker_id not in exclude]
         ranked = self.policy.rank(
             pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
         )

@@ -114,6 +114,18 @@ def _ready_at(text: str, now: float) -> float:
     return ready_at if math.isfinite(ready_at) else now
 
 
+def _unreachable(flat: Sequence[str], now: float) -> dict[str, list[str]]:
+    """worker_id -> services marked unreachable and not yet back, from the snapshot."""
+    marks: dict[str, list[str]] = {}
+    for worker_id, service, until in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+        try:
+            if float(until) > now:
+                marks.setdefault(worker_id, []).append(service)
+        except ValueError:
+            continue
+    return marks
+
+
 def _int(value: str) -> int:
     # Only this project writes these counts, but a bad value must not break routing.
     try:
@@ -154,7 +166,9 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.keys.worker(worker_id))
         pipe.srem(self.keys.workers, worker_id)
-        pipe.delete(self.keys.claims(worker_id), self.keys.released(worker_id))
+        pipe.delete(
+            self.keys.claims(worker_id), self.keys.released(worker_id), self.keys.down(worker_id)
+        )
         pipe.hdel(self.keys.known, worker_id)
         pipe.execute()
 
@@ -171,21 +185,30 @@ class Registry:
         payload, so a broken worker does not flood the log at every refresh).
         """
         at = time.time() if now is None else now
-        beats, flight, leases = self._snapshot_script(
+        beats, flight, leases, down = self._snapshot_script(
             keys=[self.keys.workers, self.keys.leases],
             args=[
                 self.keys.worker_prefix,
                 self.keys.claims_prefix,
                 self.keys.released_prefix,
                 repr(at),
+                self.keys.down_prefix,
             ],
         )
+        unreachable = _unreachable(down, at)
         heartbeats = []
         for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
             try:
-                heartbeats.append(parse_heartbeat(raw, worker_id))
+                heartbeat = parse_heartbeat(raw, worker_id)
             except HeartbeatError as exc:
                 self._warn_once(worker_id, raw, exc)
+                continue
+            services = unreachable.get(worker_id)
+            if services:
+                # Newer news than the heartbeat: a task could not reach these services.
+                status = {**heartbeat.services_status, **dict.fromkeys(services, "unhealthy")}
+                heartbeat = heartbeat.model_copy(update={"services_status": status})
+            heartbeats.append(heartbeat)
         in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
         return Snapshot(tuple(heartbeats), in_flight, _leases(leases, at))
 
@@ -259,6 +282,15 @@ class Registry:
         keys = [self.keys.claims(worker_id), self.keys.released(worker_id)]
         lapse_at = repr(time.time() + lapse_s)
         return bool(self._release_script(keys=keys, args=[claim_id, lapse_at]))
+
+    def mark_unreachable(self, worker_id: str, service: str, for_s: float) -> None:
+        """Count ``worker_id``'s ``service`` as unhealthy for ``for_s``: a task found it
+        unreachable, and routing should leave it now, not at the next heartbeat."""
+        key = self.keys.down(worker_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, service, repr(time.time() + for_s))
+        pipe.pexpire(key, max(1, math.ceil(for_s * 1000)))
+        pipe.execute()
 
     def forget_claims(self, worker_id: str) -> None:
         """Drop every claim on ``worker_id`` (a dead worker whose messages were moved)."""

@@ -2,9 +2,10 @@
 -- whose heartbeat has expired are pruned here, so the index never grows without bound, and
 -- so are lapsed claims of the live workers.
 -- KEYS: the workers set, the leases hash. ARGV: the heartbeat key prefix, the claims key
--- prefix, the early releases key prefix, now (unix s). Returns {id, heartbeat, ...}, {id, in-flight count, ...}, leases.
+-- prefix, the early releases key prefix, now (unix s), the down key prefix. Returns {id,
+-- heartbeat, ...}, {id, in-flight count, ...}, leases, {id, service, until, ...}.
 local ids = redis.call('SMEMBERS', KEYS[1])
-local beats, flight = {}, {}
+local beats, flight, down = {}, {}, {}
 for _, id in ipairs(ids) do
   local raw = redis.call('GET', ARGV[1] .. id)
   if raw then
@@ -20,8 +21,16 @@ for _, id in ipairs(ids) do
       flight[#flight + 1] = id
       flight[#flight + 1] = count
     end
+    local marks = redis.pcall('HGETALL', ARGV[5] .. id)
+    if type(marks) == 'table' and not marks.err then
+      for i = 1, #marks, 2 do
+        down[#down + 1] = id
+        down[#down + 1] = marks[i]
+        down[#down + 1] = marks[i + 1]
+      end
+    end
   else
     redis.call('SREM', KEYS[1], id)
   end
 end
-return {beats, flight, redis.call('HGETALL', KEYS[2])}
+return {beats, flight, redis.call('HGETALL', KEYS[2]), down}
