@@ -460,3 +460,40 @@ def test_serve_answers_on_loopback_and_stops(settings: CoordinatorSettings) -> N
         proc.terminate()
         output = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert "loopback only" in output
+
+
+def test_a_redis_url_without_a_scheme_is_one_line_naming_it(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "localhost:6379")
+    code, out, err = run("workers")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1
+    assert "REDIS_URL='localhost:6379'" in err
+    assert "redis://" in err
+
+
+def test_serving_beyond_loopback_without_a_token_is_one_line(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COORDINATOR_API_TOKEN", raising=False)
+    code, out, err = run("serve", "--host", "0.0.0.0")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1
+    assert "COORDINATOR_API_TOKEN" in err
+
+
+def test_a_reader_that_leaves_early_is_no_error(
+    lasting: Registry, settings: CoordinatorSettings
+) -> None:
+    for n in range(300):  # far more JSON than a pipe holds
+        lasting.publish(Heartbeat(worker_id=f"w{n:03}", services_status={"vllm": "healthy"}))
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "NAMESPACE": settings.namespace}
+    command = [sys.executable, "-m", "coordinator", "workers", "--json"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    assert proc.stdout.read(10)  # like `| head -c 10`, then gone
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from coordinator.core.errors import ConfigError
 from coordinator.core.settings import CoordinatorSettings, load_settings
 from coordinator.dispatch.app import FleetApp
 from worker_tasks.lifecycle import WorkerRuntime, install
@@ -40,5 +41,10 @@ def default_worker_app() -> WorkerApp:
     global _default
     with _default_lock:
         if _default is None:
-            _default = create_worker_app(load_settings(CoordinatorSettings))
+            try:
+                settings = load_settings(CoordinatorSettings)
+            except ConfigError as exc:
+                # One line, not a traceback out of Celery's app lookup.
+                raise SystemExit(f"worker cannot start: {exc}") from None
+            _default = create_worker_app(settings)
         return _default

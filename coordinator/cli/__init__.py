@@ -53,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
+    except BrokenPipeError:
+        # The reader left (`coordinator workers --json | head`): not an error of ours. Point
+        # stdout at nothing, so that Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except ConfigError as exc:  # a setting only one command needs (serve's token, ...)
+        return _fail(str(exc), EXIT_USAGE)
     except redis.RedisError as exc:
         return _unreachable(settings.registry_redis_url, exc, settings)
     except OperationalError as exc:  # kombu: the broker (REDIS_URL) refused a publish

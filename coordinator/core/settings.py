@@ -16,6 +16,9 @@ from coordinator.core.score_weights import Weights
 
 _NAME = r"^[A-Za-z0-9_.@:-]+$"
 
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+socket")
+"""What a Redis URL may start with: redis-py's schemes, and kombu's for a Unix socket."""
+
 POLICY_NAMES: Final = ("random", "round_robin", "least_loaded", "p2c", "seed", "cost")
 """Every ``ROUTING_POLICY``; :data:`coordinator.routing.POLICIES` has a class for each (tested),
 named here so that the settings need not import the policies."""
@@ -44,6 +47,19 @@ class CoordinatorSettings(BaseSettings):
     reaper_grace_s: float | None = Field(default=None, ge=0.0)
     # SecretStr: never in a repr, a log line or an error message.
     coordinator_api_token: SecretStr | None = None
+
+    @field_validator("redis_url", "registry_url", mode="after")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        # Caught here, with the variable named, rather than as a traceback from the first
+        # client that parses it.
+        if value is None:
+            return None
+        scheme, separator, _ = value.partition("://")
+        if not separator or scheme not in REDIS_SCHEMES:
+            schemes = ", ".join(f"{s}://" for s in REDIS_SCHEMES)
+            raise ValueError(f"expected a Redis URL such as redis://host:6379/0 ({schemes})")
+        return value
 
     @field_validator("routing_policy", mode="after")
     @classmethod
@@ -164,5 +180,6 @@ def load_settings(cls: type[S]) -> S:
                 continue
             name = str(err["loc"][0]).upper()
             inner = "".join(f"[{part!r}]" for part in err["loc"][1:])
-            problems.append(f"{name}{inner}={err.get('input')!r}: {err['msg']}")
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}{inner}={err.get('input')!r}: {message}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
