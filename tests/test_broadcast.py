@@ -261,11 +261,13 @@ def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
         client.heartbeat()
 
 
-def test_control_messages_reach_every_worker_through_the_fanout_exchange(
+@pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
+def test_control_messages_act_in_every_worker_under_every_pool(
     app: FleetApp,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
+    pool: str,
 ) -> None:
     slow = {"HEARTBEAT_INTERVAL_S": "60", "HEARTBEAT_TTL_S": "180"}
     server = fake_server("s", ["llama3.2"])
@@ -273,7 +275,13 @@ def test_control_messages_reach_every_worker_through_the_fanout_exchange(
         start_worker,
         registry,
         *(
-            {"worker_id": f"w{n}", "tier": "cpu", "server": server, "extra_env": slow}
+            {
+                "worker_id": f"w{n}",
+                "tier": "cpu",
+                "server": server,
+                "extra_env": slow,
+                "args": ["-P", pool, "-c", "1"],
+            }
             for n in (1, 2)
         ),
     )

@@ -47,6 +47,7 @@ class HeartbeatSender:
     _known: set[str] = field(default_factory=set, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _refresh: threading.Event = field(default_factory=threading.Event, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _http: httpx.Client = field(init=False)
     _probed: ProbeResult = field(default_factory=ProbeResult, init=False)
@@ -160,10 +161,16 @@ class HeartbeatSender:
         """Beat as soon as possible (after a model was loaded, for instance)."""
         self._wake.set()
 
+    def refresh_soon(self) -> None:
+        """Probe the services and beat as soon as possible, on the sender's own threads: the
+        caller (a control message in the consumer's thread) never waits on a probe."""
+        self._refresh.set()
+
     def stop(self, *, deregister: bool = True) -> None:
         """Stop beating and, on a clean shutdown, leave the registry at once."""
         self._stop.set()
         self._wake.set()
+        self._refresh.set()
         for thread in self._threads:
             thread.join(timeout=self.settings.probe_timeout_s * 4 + 1)
         if deregister:
@@ -185,10 +192,14 @@ class HeartbeatSender:
                 log.exception("heartbeat failed")
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval_s):
+        while not self._stop.is_set():
+            asked = self._refresh.wait(self.settings.heartbeat_interval_s)
+            self._refresh.clear()
+            if self._stop.is_set():
+                return
             try:
                 before = self._probed
-                if self.refresh_probes() != before:
+                if self.refresh_probes() != before or asked:
                     self.wake()  # the fleet should learn of a change now, not next beat
             except Exception:
                 log.exception("probing the model services failed")

@@ -17,7 +17,6 @@ import httpx
 from celery import Task, shared_task
 
 from coordinator.broadcast.client import (
-    CONTROL,
     GATHER,
     REFUSED_CODE,
     RUN_JOB,
@@ -253,16 +252,3 @@ def gather_broadcast(
     """The chord body: aggregate every recipient's outcome."""
     parsed = [WorkerOutcome.model_validate(o) for o in outcomes]
     return gather(job_type(job_name), broadcast_id, parsed).model_dump(mode="json")
-
-
-@shared_task(name=CONTROL, bind=True, ignore_result=True)
-def control(self: Task[Any, Any], command: str) -> None:
-    """A fleet-wide control message (fanout): ``refresh`` probes and heartbeats now."""
-    runtime = self.app.runtime if isinstance(self.app, WorkerApp) else None
-    if runtime is None:
-        return
-    if command == "refresh":
-        runtime.heartbeat.refresh_probes()
-        runtime.heartbeat.wake()
-    else:
-        log.warning("unknown control command %r ignored", command)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.worker import state
 
-from coordinator.broadcast.client import control_queue
 from coordinator.core.errors import ConfigError, ServiceError
 from coordinator.core.settings import WorkerSettings, load_settings
 from coordinator.fleet.registry import redact_url
@@ -93,8 +92,6 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
         queues.select(_own_queues(app, settings, capabilities))
     elif queue not in queues.consume_from:
         log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
-    # Control messages reach every worker, whatever -Q says.
-    queues.select_add(control_queue(app.settings.keys))
     log.info(
         "worker %s (tier %s, specialization %s, capabilities %s, registry %s) consumes %s",
         settings.worker_id,

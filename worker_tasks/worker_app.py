@@ -12,6 +12,7 @@ import threading
 from coordinator.core.errors import ConfigError
 from coordinator.core.settings import CoordinatorSettings, load_settings
 from coordinator.dispatch.app import FleetApp
+from worker_tasks import control  # noqa: F401 - registers the remote-control commands
 from worker_tasks.lifecycle import WorkerRuntime, install
 
 TASK_MODULES = ("worker_tasks.tasks", "worker_tasks.job_handlers")

@@ -5,8 +5,8 @@ so a worker that is not subscribed at the moment of publishing (restarting, reco
 never gets the message, and a chord over one fanned-out message counts one result and
 drops the others without an error. A chord whose header holds one signature per recipient,
 each in that recipient's queue, waits in Redis for a worker that is briefly away and
-collects every result. The fanout exchange (``{ns}.control``) carries fleet-wide control
-messages where no result is needed, such as "probe and heartbeat now".
+collects every result. Fleet-wide control messages that need no result, such as "probe and
+heartbeat now", go through Celery's remote control instead (:func:`send_control`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from typing import Any, Final, Literal
 
 from celery import chord, group
 from celery.result import AsyncResult, GroupResult
-from kombu import Exchange
-from kombu.common import Broadcast
 from pydantic import BaseModel, Field
 
 from coordinator.broadcast.job_types import JobType, job_type
 from coordinator.core.errors import JobError
 from coordinator.core.heartbeat import ROUTABLE_STATUSES, TIER_CPU, Heartbeat
-from coordinator.core.keys import Keys
 from coordinator.dispatch.app import FleetApp, default_app
 from coordinator.fleet.counters import record_broadcast
 
@@ -36,8 +33,8 @@ log = logging.getLogger(__name__)
 
 RUN_JOB: Final = "worker_tasks.run_broadcast_job"
 GATHER: Final = "worker_tasks.gather_broadcast"
-CONTROL: Final = "worker_tasks.control"
-CONTROL_ROUTING_KEY: Final = "control"
+CONTROL_COMMANDS: Final[Mapping[str, str]] = {"refresh": "aiq_refresh"}
+"""Control messages by name -> the remote-control command workers register for it."""
 POLL_S: Final = 0.05
 MAX_JOB_DATA_BYTES: Final = 16 * 1024 * 1024
 """Every recipient's share travels as one Redis message; bigger jobs belong in a store."""
@@ -249,28 +246,17 @@ def broadcast(
     return handle.wait()
 
 
-def control_queue(keys: Keys) -> Broadcast:
-    """The queue each worker subscribes to the control exchange with.
-
-    On Redis a fanout message goes to the PUB/SUB topic ``exchange/routing_key``; both
-    sides name the same routing key, or Celery's default one would part them.
-    """
-    return Broadcast(keys.control_exchange, routing_key=CONTROL_ROUTING_KEY)
-
-
 def send_control(app: FleetApp, command: str) -> None:
-    """Publish a control message to every worker subscribed now (fanout, no result)."""
-    name = app.settings.keys.control_exchange
-    app.send_task(
-        CONTROL,
-        args=(command,),
-        exchange=name,
-        routing_key=CONTROL_ROUTING_KEY,
-        # Declared here too: kombu's Redis transport treats an exchange this process has not
-        # declared as direct, and would push into the worker's queue list instead.
-        declare=[Exchange(name, type="fanout")],
-        ignore_result=True,
-    )
+    """Send a control message to every worker of the fleet (no result): ``refresh`` makes
+    each probe its services and heartbeat now.
+
+    Celery's remote control (the one ``celery inspect`` and ``revoke`` use, on the fleet's
+    own exchange) carries it, because its commands run in the worker's main process, where
+    the heartbeat threads are, whatever the pool; a task would run in a prefork child.
+    """
+    if command not in CONTROL_COMMANDS:
+        raise JobError(f"unknown control command {command!r}: expected one of {CONTROL_COMMANDS}")
+    app.control.broadcast(CONTROL_COMMANDS[command])
 
 
 def _after(app: FleetApp, result: BroadcastResult) -> None:

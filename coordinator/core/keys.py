@@ -57,8 +57,9 @@ queue                               consumed by
 ``{ns}.service.{service}``          every worker with the capability; the fallback
                                     when no live worker can take a task
 ``{ns}.default``                    every worker; tasks that are not model tasks
-``{ns}.control`` (fanout exchange)  every worker subscribed at the time; control
-                                    messages without results (PUB/SUB on Redis)
+``{ns}.control.pidbox`` (fanout)    every worker of the fleet: Celery's remote control
+                                    (``refresh``, ``revoke``, ``inspect``), handled in
+                                    each worker's main process
 ==================================  ===============================================
 
 The registry keys share the hash tag ``{ns}`` so the registry's Lua script also works on
@@ -150,7 +151,8 @@ class Keys:
 
     @property
     def control_exchange(self) -> str:
-        """The fanout exchange of fleet-wide control messages."""
+        """Celery's remote-control exchange name (``control_exchange``): the fleet's own, so
+        control messages (``refresh``, ``revoke``, ``inspect``) reach this fleet only."""
         return f"{self.namespace}.control"
 
     @property

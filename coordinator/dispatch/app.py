@@ -94,6 +94,9 @@ def _configure(app: FleetApp, settings: CoordinatorSettings) -> None:
         result_accept_content=["json"],
         task_routes=(app.router,),
         task_default_queue=settings.keys.default_queue,
+        # Remote control (revoke, inspect, refresh) on the fleet's own exchange: one Redis
+        # may host several fleets, and a revoke must reach this one only.
+        control_exchange=settings.keys.control_exchange,
         # Which worker ran a task is part of its result.
         result_extended=True,
         result_expires=24 * 3600,
