@@ -19,28 +19,37 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("app")]
 SLOW_HEARTBEATS = {"HEARTBEAT_INTERVAL_S": "30", "HEARTBEAT_TTL_S": "90"}
 
 
+Models = tuple[list[str], list[str]]
+"""(on disk, in memory)"""
+TwoWorkers = Callable[[Models, Models], tuple[SimulatedModelServer, SimulatedModelServer]]
+
+
+@pytest.fixture
 def two_workers(
-    start_worker: WorkerFactory,
-    registry: Registry,
-    a: SimulatedModelServer,
-    b: SimulatedModelServer,
-) -> None:
-    workers = [
-        start_worker(name, tier="gpu", server=server, extra_env=SLOW_HEARTBEATS, wait=False)
-        for name, server in (("a", a), ("b", b))
-    ]
-    for worker in workers:
-        wait_for_worker(registry, worker)
-
-
-def test_an_unreachable_service_is_left_before_the_retry(
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
+) -> TwoWorkers:
+    """Start GPU workers ``a`` and ``b``, each with its simulated Ollama holding ``models``."""
+
+    def start(a: Models, b: Models) -> tuple[SimulatedModelServer, SimulatedModelServer]:
+        servers = fake_server("a", *a), fake_server("b", *b)
+        workers = [
+            start_worker(name, tier="gpu", server=server, extra_env=SLOW_HEARTBEATS, wait=False)
+            for name, server in zip("ab", servers, strict=True)
+        ]
+        for worker in workers:
+            wait_for_worker(registry, worker)
+        return servers
+
+    return start
+
+
+def test_an_unreachable_service_is_left_before_the_retry(
+    two_workers: TwoWorkers, registry: Registry
 ) -> None:
-    a_server = fake_server("a", ["llama3.2"], ["llama3.2"])
-    b_server = fake_server("b", ["llama3.2"])  # on disk only: the router prefers a
-    two_workers(start_worker, registry, a_server, b_server)
+    # On disk only on b: the router prefers a.
+    a_server, b_server = two_workers((["llama3.2"], ["llama3.2"]), (["llama3.2"], []))
     a_server.stop()  # connection refused from now on; a's heartbeat still says healthy
 
     answer = generate.delay("anyone?", model="llama3.2").get(timeout=60)
@@ -52,13 +61,9 @@ def test_an_unreachable_service_is_left_before_the_retry(
 
 
 def test_a_model_the_worker_lacks_is_routed_to_one_that_has_it(
-    start_worker: WorkerFactory,
-    fake_server: Callable[..., SimulatedModelServer],
-    registry: Registry,
+    two_workers: TwoWorkers, registry: Registry
 ) -> None:
-    a_server = fake_server("a", ["phi3"], ["phi3"])
-    b_server = fake_server("b", ["llama3.2"], ["llama3.2"])
-    two_workers(start_worker, registry, a_server, b_server)
+    a_server, _ = two_workers((["phi3"], ["phi3"]), (["llama3.2"], ["llama3.2"]))
     # As a task that waited in a shared queue, or was sent to a worker by hand, would be.
     queue = registry.keys.worker_queue("a")
 
@@ -68,14 +73,8 @@ def test_a_model_the_worker_lacks_is_routed_to_one_that_has_it(
     assert a_server.request_count("POST", "/api/generate") == 1
 
 
-def test_a_model_nobody_has_fails_naming_what_the_fleet_serves(
-    start_worker: WorkerFactory,
-    fake_server: Callable[..., SimulatedModelServer],
-    registry: Registry,
-) -> None:
-    a_server = fake_server("a", ["phi3"], ["phi3"])
-    b_server = fake_server("b", ["llama3.2"], ["llama3.2"])
-    two_workers(start_worker, registry, a_server, b_server)
+def test_a_model_nobody_has_fails_naming_what_the_fleet_serves(two_workers: TwoWorkers) -> None:
+    two_workers((["phi3"], ["phi3"]), (["llama3.2"], ["llama3.2"]))
 
     result = generate.delay("hi", model="no-such-model")
     with pytest.raises(ModelNotFoundError, match=r"no other live worker has 'no-such-model'"):
