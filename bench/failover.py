@@ -133,7 +133,11 @@ def run(
             os.kill(procs[out.victim].pid, signal.SIGKILL)
             procs[out.victim].wait(timeout=10)
             queue = app.settings.keys.worker_queue(out.victim)
-            unacked = [e for _, e in client.hscan_iter("unacked") if json.loads(e)[2] == queue]
+            unacked = [
+                e
+                for _, e in client.hscan_iter(app.settings.keys.unacked)
+                if json.loads(e)[2] == queue
+            ]
             out.held_at_kill = (client.llen(queue), len(unacked))
         time.sleep(0.02)
     consumer = getattr(app.backend, "result_consumer", None)

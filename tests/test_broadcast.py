@@ -309,3 +309,11 @@ def test_broadcast_async_returns_a_handle_to_wait_on(
     assert handle.ready()
     assert result.broadcast_id == handle.broadcast_id
     assert Counter(w.status for w in result.workers) == {"accepted": 1}
+    # Pins a Celery internal: the backend's table of results waited on (what the public
+    # remove_pending_result empties). A caller that broadcasts all day must not keep one
+    # waiter per worker per broadcast.
+    header_ids = {child.id for child in handle.header.results or []}
+    assert header_ids
+    tables = app.backend._pending_results  # type: ignore[attr-defined]
+    waiting = {task_id for table in tables for task_id in table}
+    assert not waiting & header_ids

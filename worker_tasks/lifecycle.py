@@ -86,9 +86,8 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
     )
     capabilities = sender.capabilities(sender.refresh_probes())
     queues = app.amqp.queues
-    # -Q on the command line selects queues before this runs; then the operator's choice
-    # stands. Celery keeps no public flag for "-Q was given", hence the private attribute.
-    if getattr(queues, "_consume_from", None) is None:
+    # With -Q (seen by celeryd_init) the operator's choice of queues stands.
+    if not app.queues_chosen:
         queues.select(_own_queues(app, settings, capabilities))
     elif queue not in queues.consume_from:
         log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
@@ -111,6 +110,11 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
 def install(app: WorkerApp) -> None:
     """Connect the worker hooks of ``app``; harmless in processes that only send tasks."""
     outcomes.install(app)
+
+    @signals.celeryd_init.connect(weak=False)
+    def _init(sender: str, instance: Any, options: dict[str, Any], **_: Any) -> None:
+        if instance.app is app:
+            app.queues_chosen = bool(options.get("queues"))
 
     @signals.celeryd_after_setup.connect(weak=False)
     def _after_setup(sender: str, instance: Any, **_: Any) -> None:

@@ -68,13 +68,13 @@ def install(app: WorkerApp) -> None:
     ) -> None:
         task = task or sender
         if task is not None and task.app is app:
-            release(app, getattr(task.request, CLAIM_HEADER, None))
+            release(app, _header(task.request.headers))
 
     @signals.task_revoked.connect(weak=False)
     def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         # Revoked and expired messages never run, so task_postrun never sees them.
         if getattr(sender, "app", None) is app and request is not None:
-            release(app, getattr(request, CLAIM_HEADER, None))
+            release(app, _header(getattr(request, "headers", None)))
 
     @signals.task_rejected.connect(weak=False)
     def _rejected(sender: Any = None, message: Any = None, **_: Any) -> None:

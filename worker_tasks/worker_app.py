@@ -23,6 +23,8 @@ class WorkerApp(FleetApp):
 
     runtime: WorkerRuntime | None = None
     """Set in a started worker's processes; ``None`` where tasks are only sent."""
+    queues_chosen: bool = False
+    """Whether ``celery worker -Q`` named the queues (else the worker picks its own)."""
 
 
 def create_worker_app(settings: CoordinatorSettings, *, main: str = "worker_tasks") -> WorkerApp:

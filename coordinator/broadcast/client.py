@@ -274,8 +274,10 @@ def _stop_waiting(app: FleetApp, task_ids: Sequence[str]) -> None:
     Celery's Redis backend builds a GroupResult of the header when it applies a chord, and
     each of its results subscribes to its task's channel and stays referenced until the
     result is *drained*, which polling ``ready()`` never does: a long-lived caller would
-    keep one subscription and one object per worker per broadcast. There is no public API
-    to forget them, hence the backend's internals, guarded.
+    keep one subscription and one object per worker per broadcast. The public
+    ``remove_pending_result`` forgets only the very result object it is given, and the
+    waiting ones are objects the chord made, out of reach: hence the backend's table,
+    guarded, and pinned by a test (docs/architecture.md lists it).
     """
     backend = app.backend
     pending = getattr(backend, "_pending_results", ())

@@ -43,10 +43,11 @@ key                                 type    contents
                                             (job type|status)
 ==================================  ======  ===============================================
 
-Celery's Redis transport also keeps, outside the namespace, ``unacked`` (hash: delivery
-tag -> the message, its exchange and routing key) and ``unacked_index`` (sorted set:
-delivery tag -> delivery time) for messages delivered and not yet acknowledged; the reaper
-moves a dead worker's entries out of them.
+Celery's Redis transport keeps, under names this project gives it (transport options
+``unacked_key``, ``unacked_index_key``, ``unacked_mutex_key``), ``{ns}.unacked`` (hash:
+delivery tag -> the message, its exchange and routing key), ``{ns}.unacked_index`` (sorted
+set: delivery tag -> delivery time) and ``{ns}.unacked_mutex`` for messages delivered and
+not yet acknowledged; the reaper moves a dead worker's entries out of them.
 
 Broker queues (Celery's Redis transport keeps each queue as a list named after it):
 
@@ -154,6 +155,21 @@ class Keys:
         """Celery's remote-control exchange name (``control_exchange``): the fleet's own, so
         control messages (``refresh``, ``revoke``, ``inspect``) reach this fleet only."""
         return f"{self.namespace}.control"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of delivered, unacknowledged messages (``unacked_key``)."""
+        return f"{self.namespace}.unacked"
+
+    @property
+    def unacked_index(self) -> str:
+        """kombu's sorted set of their delivery times (``unacked_index_key``)."""
+        return f"{self.namespace}.unacked_index"
+
+    @property
+    def unacked_mutex(self) -> str:
+        """kombu's lock around restoring them (``unacked_mutex_key``)."""
+        return f"{self.namespace}.unacked_mutex"
 
     @property
     def default_queue(self) -> str:

@@ -109,7 +109,14 @@ def _configure(app: FleetApp, settings: CoordinatorSettings) -> None:
         task_reject_on_worker_lost=True,
         # Longer than any task (model calls time out after MODEL_TIMEOUT_S), or a running
         # task would be delivered a second time while it runs.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Named by the fleet (kombu's public transport options), so that the reaper
+            # knows where to look and fleets sharing a Redis do not share them.
+            "unacked_key": settings.keys.unacked,
+            "unacked_index_key": settings.keys.unacked_index,
+            "unacked_mutex_key": settings.keys.unacked_mutex,
+        },
         # Model calls are long; a worker must not hoard messages another worker could run.
         worker_prefetch_multiplier=1,
         task_track_started=True,

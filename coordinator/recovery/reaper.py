@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
     from coordinator.dispatch.app import FleetApp
 
 log = logging.getLogger(__name__)
-
-UNACKED: Final = "unacked"
-UNACKED_INDEX: Final = "unacked_index"
 
 
 @dataclass
@@ -120,7 +117,7 @@ class Reaper:
         # list the dead worker and send its messages straight back.
         self.app.router.refresh()
         self._live = self.app.registry.live_workers()
-        for tag, entry in client.hscan_iter(UNACKED):
+        for tag, entry in client.hscan_iter(self.app.settings.keys.unacked):
             try:
                 payload, _, routing_key = json.loads(entry)
             except (ValueError, TypeError):
@@ -173,7 +170,10 @@ class Reaper:
         if self.move_delay_s:
             time.sleep(self.move_delay_s)
         if tag is not None:
-            moved = self._move_unacked(keys=[UNACKED, UNACKED_INDEX, queue], args=[tag, old, new])
+            keys = self.app.settings.keys
+            moved = self._move_unacked(
+                keys=[keys.unacked, keys.unacked_index, queue], args=[tag, old, new]
+            )
         else:
             moved = self._move_queued(keys=[source, queue], args=[old, new])
         if moved != 1:
