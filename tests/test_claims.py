@@ -3,10 +3,12 @@ number of publishing threads, and released exactly once whatever the outcome."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from coordinator.core.catalog import GENERATE
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.dispatch.app import FleetApp
+from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
 from coordinator.fleet.registry import Registry
 from coordinator.ops import admin
 from coordinator.recovery.reaper import Reaper
@@ -114,3 +117,47 @@ def test_every_claim_is_released_after_a_mixed_workload(
     assert {r.state for r in revoked} == {"REVOKED"}
     wait_for(lambda: set(in_flight(registry).values()) == {0}, 10, "every claim released")
     assert set(in_flight(registry)) == {"a"}
+
+
+def test_the_callers_headers_are_left_as_they_were(app: FleetApp, registry: Registry) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    headers = {"trace": "t-1"}
+    app.send_task(GENERATE, args=["hi"], kwargs={"model": "m"}, headers=headers)
+    # A caller that sends with the same headers again must not pass this message's claim on.
+    assert headers == {"trace": "t-1"}
+    raw = registry.client.lindex(registry.keys.worker_queue("w"), 0)
+    assert raw is not None
+    sent = json.loads(raw)["headers"]
+    assert sent["trace"] == "t-1"
+    assert parse_claim(sent[CLAIM_HEADER]) is not None
+
+
+def test_a_batch_written_twice_cannot_bring_back_a_released_claim(registry: Registry) -> None:
+    registry.publish(Heartbeat(worker_id="w"))
+    assert not registry.release("w", "early")  # overtook its claim's batch
+    for _ in range(2):  # the batch, and again after a timeout that hid its success
+        assert registry.claim_many({"w": ["early"]}, [], 0) == {"w": 0}
+    assert registry.snapshot().in_flight == {}
+
+
+def test_a_probe_after_the_failure_lifts_an_unreachable_mark(registry: Registry) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    before = time.time()
+    registry.mark_unreachable("w", "vllm", for_s=60.0)
+    assert registry.live_workers()[0].services_status["vllm"] == "unhealthy"
+    registry.clear_unreachable("w", ["vllm"], probed_at=before)  # a probe from before
+    assert registry.live_workers()[0].services_status["vllm"] == "unhealthy"
+    registry.clear_unreachable("w", ["vllm"], probed_at=time.time())
+    assert registry.live_workers()[0].services_status["vllm"] == "healthy"
+
+
+def test_a_task_run_eagerly_leaves_no_claim(
+    app: FleetApp, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:9")  # refused: retried eagerly
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    result = generate.apply(args=("hi",), kwargs={"model": "m"})
+    assert result.failed()
+    app.router.claims.flush()
+    assert registry.snapshot().in_flight == {}
+    assert registry.client.hlen(registry.keys.down("w")) == 0  # not a worker: marks nothing

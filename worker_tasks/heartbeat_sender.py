@@ -180,6 +180,14 @@ class HeartbeatSender:
                 log.warning("could not deregister %s: %s", self.settings.worker_id, exc)
         self._http.close()
 
+    def _lift_marks(self, probed: ProbeResult, probed_at: float) -> None:
+        """A task may have marked a service unreachable (``ModelTask``); a probe begun after
+        that which found it healthy lifts the mark, rather than waiting for it to lapse."""
+        try:
+            self.registry.clear_unreachable(self.settings.worker_id, _healthy(probed), probed_at)
+        except redis.RedisError as exc:
+            log.warning("could not lift unreachable marks: %s", exc)
+
     def _beat_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.settings.heartbeat_interval_s)
@@ -198,11 +206,17 @@ class HeartbeatSender:
             if self._stop.is_set():
                 return
             try:
-                before = self._probed
-                if self.refresh_probes() != before or asked:
+                before, probed_at = self._probed, time.time()
+                probed = self.refresh_probes()
+                self._lift_marks(probed, probed_at)
+                if probed != before or asked:
                     self.wake()  # the fleet should learn of a change now, not next beat
             except Exception:
                 log.exception("probing the model services failed")
+
+
+def _healthy(probed: ProbeResult) -> list[str]:
+    return [name for name, ok in probed.services_status.items() if ok]
 
 
 def _within_limit(heartbeat: Heartbeat) -> Heartbeat:

@@ -34,10 +34,11 @@ def _request(
 ) -> dict[str, Any]:
     try:
         response = client.request(method, url, json=body)
-    except httpx.TimeoutException as exc:
-        raise ServiceUnreachableError(url, f"timed out: {exc}") from None
-    except httpx.TransportError as exc:
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # Nobody took the connection: down, not slow (a read timeout may be a long load).
         raise ServiceUnreachableError(url, f"{type(exc).__name__}: {exc}") from None
+    except httpx.TimeoutException as exc:
+        raise ServiceUnavailableError(url, f"timed out: {exc}") from None
     except httpx.HTTPError as exc:
         raise ServiceUnavailableError(url, f"{type(exc).__name__}: {exc}") from None
     if response.status_code >= 400:

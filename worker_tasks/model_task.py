@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 from celery import Task
+from celery.exceptions import Retry
 
 from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.errors import (
@@ -72,11 +73,14 @@ class ModelTask(Task[Any, Any]):
         """
         spec = task_spec(self.name)
         exclude = frozenset(options.pop(EXCLUDE_OPTION, ()))
-        if spec is not None and isinstance(exc, ServiceUnreachableError):
+        # Called directly or eagerly, Celery sends no retry message: nothing to route.
+        in_worker = not (self.request.called_directly or self.request.is_eager)
+        if spec is not None and in_worker and isinstance(exc, ServiceUnreachableError):
             self._leave(spec.service, exc)
         limit = self.max_retries if max_retries is None else max_retries
         exhausted = limit is not None and self.request.retries >= limit
-        if spec is None or exhausted or "queue" in options or not isinstance(self.app, FleetApp):
+        routed_here = in_worker and not exhausted and "queue" not in options
+        if spec is None or not routed_here or not isinstance(self.app, FleetApp):
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         call_kwargs = kwargs if kwargs is not None else self.request.kwargs
         model = detect_required_model(self.name, call_kwargs)
@@ -88,7 +92,14 @@ class ModelTask(Task[Any, Any]):
         if route.claim is not None:
             headers[CLAIM_HEADER] = claim_header(route.claim)
         options.update(queue=route.queue, headers=headers)
-        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        try:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        except Retry:
+            raise  # sent: Celery's way of ending this attempt
+        except BaseException:
+            if route.claim is not None:  # not sent (the broker refused): take the claim back
+                self.app.router.claims.cancel(route.claim)
+            raise
 
     def worker_settings(self) -> WorkerSettings:
         """This worker's settings (read from the environment outside a started worker)."""

@@ -41,7 +41,7 @@ class ServiceUnavailableError(ServiceError):
 
 
 class ServiceUnreachableError(ServiceUnavailableError):
-    """Nobody answered (connection refused, timeout): the service is down, not just busy, so
+    """Nobody took the connection (refused, connect timeout): the service is down, not busy, so
     the worker leaves routing for it at once rather than at its next heartbeat."""
 
 

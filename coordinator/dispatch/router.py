@@ -125,16 +125,13 @@ class FleetRouter:
         if spec is None or options.get("queue"):
             return None  # not ours, or the caller chose a queue: theirs wins
         route = self.route(name, spec.service, detect_required_model(name, kwargs))
-        result: dict[str, Any] = {"queue": route.queue}
+        # The caller's options win over a route's keys, headers included, so the claim goes
+        # into the options' headers: a new dict, because the caller may send its own again.
+        headers = {k: v for k, v in (options.get("headers") or {}).items() if k != CLAIM_HEADER}
         if route.claim is not None:
-            # The caller's options win over a route's keys, headers included, so a caller's
-            # own headers get the claim added in place.
-            headers = options.get("headers")
-            if isinstance(headers, dict):
-                headers[CLAIM_HEADER] = claim_header(route.claim)
-            else:
-                result["headers"] = {CLAIM_HEADER: claim_header(route.claim)}
-        return result
+            headers[CLAIM_HEADER] = claim_header(route.claim)
+        options["headers"] = headers
+        return {"queue": route.queue}
 
     def route(
         self, task: str, service: str, model: str | None, exclude: frozenset[str] = frozenset()

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_DECISIONS_PER_WRITE: Final = 1000
+TOMBSTONE_S: Final = 300.0
+"""How long a release that overtook its claim keeps the claim from being written: far
+longer than a claim waits in a publisher's buffer (50 ms), unless Redis was away longer."""
 LEASES_KEPT_S: Final = 3600
 """The leases hash outlives its longest lease by this much, then goes: a fleet that stops
 routing leaves nothing behind for good."""
@@ -117,13 +120,18 @@ def _ready_at(text: str, now: float) -> float:
 def _unreachable(flat: Sequence[str], now: float) -> dict[str, list[str]]:
     """worker_id -> services marked unreachable and not yet back, from the snapshot."""
     marks: dict[str, list[str]] = {}
-    for worker_id, service, until in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
-        try:
-            if float(until) > now:
-                marks.setdefault(worker_id, []).append(service)
-        except ValueError:
-            continue
+    for worker_id, service, value in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+        if _float(str(value).split(" ")[-1]) > now:  # "marked_at until"
+            marks.setdefault(worker_id, []).append(service)
     return marks
+
+
+def _float(text: str) -> float:
+    """A number written by this module; anything else (a hand-made entry) reads as 0."""
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def _int(value: str) -> int:
@@ -280,17 +288,32 @@ class Registry:
         written keeps the claim from being added. ``False`` when no written claim was
         there."""
         keys = [self.keys.claims(worker_id), self.keys.released(worker_id)]
-        lapse_at = repr(time.time() + lapse_s)
+        # A tombstone only bridges the time a claim may wait in its publisher's buffer.
+        lapse_at = repr(time.time() + min(lapse_s, TOMBSTONE_S))
         return bool(self._release_script(keys=keys, args=[claim_id, lapse_at]))
 
     def mark_unreachable(self, worker_id: str, service: str, for_s: float) -> None:
         """Count ``worker_id``'s ``service`` as unhealthy for ``for_s``: a task found it
         unreachable, and routing should leave it now, not at the next heartbeat."""
         key = self.keys.down(worker_id)
+        now = time.time()
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, service, repr(time.time() + for_s))
+        pipe.hset(key, service, f"{now!r} {now + for_s!r}")
         pipe.pexpire(key, max(1, math.ceil(for_s * 1000)))
         pipe.execute()
+
+    def clear_unreachable(self, worker_id: str, healthy: Sequence[str], probed_at: float) -> None:
+        """Lift the marks on ``worker_id``'s ``healthy`` services made before ``probed_at``:
+        a probe that started after the failure found the service back."""
+        key = self.keys.down(worker_id)
+        marks = self.client.hgetall(key)
+        stale = [
+            str(service)
+            for service, value in marks.items()
+            if str(service) in healthy and _float(str(value).split(" ")[0]) < probed_at
+        ]
+        if stale:
+            self.client.hdel(key, *stale)
 
     def forget_claims(self, worker_id: str) -> None:
         """Drop every claim on ``worker_id`` (a dead worker whose messages were moved)."""

@@ -1,5 +1,7 @@
 -- Add a batch of claims, bump metric counters and keep decisions, as one command.
--- A claim already released (see release.lua) is not added.
+-- A claim already released (see release.lua) is not added; its tombstone stays until it
+-- lapses, so a batch written twice (a client timeout after the server applied it) cannot
+-- bring it back.
 -- KEYS: the decisions list. ARGV: keep, the claims key prefix, the early releases key
 -- prefix, the claims' lapse time (unix s), n, then n (worker, k, k claim ids) groups, then m, then m (hash, field, amount)
 -- triples, then the decisions. Returns the new in-flight counts of the claimed workers.
@@ -12,7 +14,7 @@ for _ = 1, n do
   local worker, k = ARGV[at], tonumber(ARGV[at + 1])
   local key, early = prefix .. worker, released .. worker
   for j = at + 2, at + 1 + k do
-    if redis.call('ZREM', early, ARGV[j]) == 0 then
+    if not redis.call('ZSCORE', early, ARGV[j]) then
       redis.call('ZADD', key, lapse, ARGV[j])
     end
   end
