@@ -161,3 +161,23 @@ def test_a_task_run_eagerly_leaves_no_claim(
     app.router.claims.flush()
     assert registry.snapshot().in_flight == {}
     assert registry.client.hlen(registry.keys.down("w")) == 0  # not a worker: marks nothing
+
+
+def test_explain_ranks_as_the_router_decides(app: FleetApp, registry: Registry) -> None:
+    lasting = Registry(registry.client, registry.keys, ttl_s=600.0)
+    models = {"warm": (["m"], ["m"]), "disk": (["m"], []), "none": ([], [])}
+    for worker_id, (on_disk, in_memory) in models.items():
+        lasting.publish(
+            Heartbeat(
+                worker_id=worker_id,
+                loaded_models=tuple(on_disk),
+                models_in_memory=tuple(in_memory),
+                services_status={"vllm": "healthy"},
+                service_s={"m": 2.0},
+            )
+        )
+    router = app.router
+    for _ in range(12):  # load and demand build up, as the router's own view holds them
+        router.route(GENERATE, "vllm", "m")
+        ranked = router.explain("vllm", "m")
+        assert router.route(GENERATE, "vllm", "m").worker_id == ranked[0].worker_id

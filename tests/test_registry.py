@@ -145,3 +145,12 @@ def test_redact_url_hides_the_password() -> None:
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_claim_keys_expire_with_their_last_claim(registry: Registry) -> None:
+    # A dead worker's keys, recreated by a late claim or release after the reaper dropped
+    # them, go by themselves.
+    registry.claim_many({"gone": ["c"]}, [], 0, lapse_s=60.0)
+    registry.release("gone", "never-written", lapse_s=60.0)
+    for key in (registry.keys.claims("gone"), registry.keys.released("gone")):
+        assert 0 < registry.client.pttl(key) <= 60_000

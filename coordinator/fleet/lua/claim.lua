@@ -18,6 +18,10 @@ for _ = 1, n do
       redis.call('ZADD', key, lapse, ARGV[j])
     end
   end
+  -- The set goes with its last claim: a dead worker's is never left behind for good.
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('PEXPIREAT', key, math.floor(tonumber(lapse) * 1000))
+  end
   counts[#counts + 1] = worker
   counts[#counts + 1] = redis.call('ZCARD', key)
   at = at + 2 + k

@@ -7,4 +7,5 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   return 1
 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], math.floor(tonumber(ARGV[2]) * 1000))
 return 0
