@@ -174,11 +174,20 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.keys.worker(worker_id))
         pipe.srem(self.keys.workers, worker_id)
-        pipe.delete(
-            self.keys.claims(worker_id), self.keys.released(worker_id), self.keys.down(worker_id)
-        )
-        pipe.hdel(self.keys.known, worker_id)
+        self._forget(pipe, worker_id)
         pipe.execute()
+
+    def forget(self, worker_id: str) -> None:
+        """Drop what the fleet keeps of a dead worker whose messages were moved: its claims,
+        marks and place among the known workers (its heartbeat has expired already)."""
+        pipe = self.client.pipeline(transaction=False)
+        self._forget(pipe, worker_id)
+        pipe.execute()
+
+    def _forget(self, pipe: redis.client.Pipeline, worker_id: str) -> None:
+        keys = self.keys
+        pipe.delete(keys.claims(worker_id), keys.released(worker_id), keys.down(worker_id))
+        pipe.hdel(keys.known, worker_id)
 
     def known_workers(self) -> dict[str, str]:
         """Every worker that heartbeated and did not leave cleanly -> its queue."""
@@ -314,10 +323,6 @@ class Registry:
         ]
         if stale:
             self.client.hdel(key, *stale)
-
-    def forget_claims(self, worker_id: str) -> None:
-        """Drop every claim on ``worker_id`` (a dead worker whose messages were moved)."""
-        self.client.delete(self.keys.claims(worker_id), self.keys.released(worker_id))
 
     def recent_decisions(self, limit: int = 50) -> Sequence[str]:
         """The newest ``limit`` decisions as stored (JSON), newest first."""

@@ -133,11 +133,7 @@ class Reaper:
                 continue
             self._move(report, payload, old=str(raw), source=queue)
         self.app.router.claims.flush()
-        pipe = client.pipeline(transaction=False)
-        pipe.hdel(self.app.registry.keys.known, worker_id)
-        pipe.delete(self.app.registry.keys.claims(worker_id))
-        pipe.delete(self.app.registry.keys.released(worker_id))
-        pipe.execute()
+        self.app.registry.forget(worker_id)
         log.warning(
             "reaped dead worker %s: moved %s, dropped %d replicated broadcast job(s) %s",
             worker_id,
