@@ -12,7 +12,7 @@ import redis
 
 from coordinator.broadcast.client import broadcast, broadcast_async, send_control
 from coordinator.broadcast.rag import chroma_client, search
-from coordinator.core.errors import JobError
+from coordinator.core.errors import JobError, ServiceUnreachableError
 from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import FleetApp, create_app
 from coordinator.fleet.registry import Registry
@@ -317,3 +317,27 @@ def test_broadcast_async_returns_a_handle_to_wait_on(
     tables = app.backend._pending_results  # type: ignore[attr-defined]
     waiting = {task_id for table in tables for task_id in table}
     assert not waiting & header_ids
+
+
+def test_an_unreachable_chromadb_fails_ingestion_with_one_line_naming_chromadb_url(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServiceUnreachableError, match=r"ChromaDB at .*CHROMADB_URL"):
+        chroma_client(dead)
+    worker = start_worker(
+        "ingest",
+        tier="cpu",
+        server=fake_server("e", [EMBED_MODEL]),
+        extra_env={"CHROMADB_URL": dead},
+    )
+    job = {"documents": [{"id": "d", "text": "some text"}], "collection": "docs"}
+    result = broadcast("rag_ingestion", job, timeout_s=60, app=app)
+    (outcome,) = result.workers
+    assert outcome.error is not None
+    assert "CHROMADB_URL" in outcome.error
+    assert dead in outcome.error
+    assert "Traceback" not in worker.log()

@@ -12,9 +12,15 @@ import time
 from collections.abc import Callable
 
 import pytest
+from celery import signals
+from celery.exceptions import TimeLimitExceeded
+from celery.worker.request import Request
+from kombu import Queue
+from kombu.exceptions import EncodeError
 
 from coordinator.core.catalog import GENERATE
 from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import FleetApp
 from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
 from coordinator.fleet.registry import Registry
@@ -23,6 +29,7 @@ from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, wait_for, wait_for_worker
 from worker_tasks.tasks import generate
+from worker_tasks.worker_app import create_worker_app
 
 THREADS = 8
 ROUTES_PER_THREAD = 1_500
@@ -117,6 +124,62 @@ def test_every_claim_is_released_after_a_mixed_workload(
     assert {r.state for r in revoked} == {"REVOKED"}
     wait_for(lambda: set(in_flight(registry).values()) == {0}, 10, "every claim released")
     assert set(in_flight(registry)) == {"a"}
+
+
+@pytest.mark.e2e
+def test_a_hard_time_limit_releases_the_claim_under_prefork(
+    app: FleetApp,
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+) -> None:
+    server = fake_server("slow", ["alpha"], ["alpha"])
+    worker = start_worker("w", tier="gpu", server=server, args=["-P", "prefork", "-c", "1"])
+    assert "(prefork)" in worker.log()
+    server.set_fault(delay_s=30.0)
+    # The pool kills the child after 1 s: no task_postrun runs anywhere.
+    result = generate.apply_async(("hi",), {"model": "alpha"}, time_limit=1)
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=30)
+    wait_for(lambda: in_flight(registry) == {"w": 0}, 10, "the claim released")
+
+
+def test_a_child_killed_at_its_hard_time_limit_still_releases_its_claim(
+    settings: CoordinatorSettings, registry: Registry
+) -> None:
+    """billiard sends TERM, then KILL 0.1 s later: a child killed before its task_postrun
+    leaves the release to the main process, which saw the message arrive."""
+    worker_app = create_worker_app(settings, main=f"outcomes-{settings.namespace}")
+    try:
+        registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+        worker_app.send_task(GENERATE, args=["hi"], kwargs={"model": "m"})
+        worker_app.router.claims.flush()
+        assert in_flight(registry) == {"w": 1}
+        with worker_app.connection_for_read() as connection:
+            queue = Queue(registry.keys.worker_queue("w"))(connection.default_channel)
+            message = queue.get(no_ack=True)  # the message as the worker receives it
+        assert message is not None
+        task = worker_app.tasks[GENERATE]
+        request = Request(message, app=worker_app, task=task)
+        signals.task_received.send(sender=None, request=request)
+        signals.task_failure.send(sender=task, task_id=request.id, exception=TimeLimitExceeded(1))
+        assert in_flight(registry) == {"w": 0}
+    finally:
+        worker_app.close()
+
+
+def test_a_task_that_cannot_be_published_gives_its_claim_back(
+    app: FleetApp, registry: Registry
+) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    with pytest.raises(EncodeError):
+        generate.delay(object(), model="m")  # routed, then refused by the JSON encoder
+    with pytest.raises(EncodeError):
+        generate.delay(object(), model="m")
+    generate.delay("hi", model="m")
+    app.router.claims.flush()
+    assert in_flight(registry) == {"w": 1}
+    assert registry.client.llen(registry.keys.worker_queue("w")) == 1
 
 
 def test_the_callers_headers_are_left_as_they_were(app: FleetApp, registry: Registry) -> None:

@@ -104,6 +104,28 @@ def test_workers_table_shows_models_load_and_services(
     assert "in memory" in out
 
 
+def test_workers_say_why_a_service_is_down(run: Run, registry: Registry) -> None:
+    registry.publish(
+        Heartbeat(
+            worker_id="w-1",
+            services_status={"vllm": "unhealthy", "ocr": "healthy"},
+            service_errors={"vllm": "OLLAMA_URL http://10.0.0.5:11434: ConnectError: refused"},
+        )
+    )
+    registry.mark_unreachable("w-1", "ocr", 60.0, "http://10.0.0.5:9000/ocr: ReadTimeout")
+    code, out, _ = run("workers", "--json")
+    assert code == 0
+    (worker,) = json.loads(out)
+    assert worker["service_errors"] == {
+        "vllm": "OLLAMA_URL http://10.0.0.5:11434: ConnectError: refused",
+        "ocr": "http://10.0.0.5:9000/ocr: ReadTimeout",
+    }
+    code, out, _ = run("workers")
+    flat = " ".join(out.split())  # the table wraps long cells
+    assert "OLLAMA_URL http://10.0.0.5:11434" in flat
+    assert "ReadTimeout" in flat
+
+
 def test_workers_json_is_the_admin_view(run: Run, scenario_1: Registry, registry: Registry) -> None:
     registry.claim_many({"gpu-2": ["a", "b", "c"]}, [], keep=0)
     code, out, _ = run("workers", "--json")

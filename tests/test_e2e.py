@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,13 +173,19 @@ def test_operator_queues_given_with_dash_q_win(
 def test_unreachable_model_services_are_reported_unhealthy_not_fatal(
     app: FleetApp, start_worker: WorkerFactory, registry: Registry
 ) -> None:
-    start_worker(
+    worker = start_worker(
         "orphan", tier="cpu", server=None, extra_env={"WORKER_CAPABILITIES": "vllm,embeddings"}
     )
     (heartbeat,) = registry.live_workers()
     assert heartbeat.status == "unhealthy"
     assert heartbeat.services_status == {"vllm": "unhealthy", "embeddings": "unhealthy"}
     assert heartbeat.capabilities == ("vllm", "embeddings")
+    # Which URL, from which setting, and why: in the heartbeat (so `coordinator workers`
+    # shows it) and once in the worker's log.
+    why = heartbeat.service_errors["vllm"]
+    assert re.fullmatch(r"OLLAMA_URL http://127\.0\.0\.1:\d+: ConnectError: .*refused.*", why)
+    assert heartbeat.service_errors["embeddings"].startswith("EMBEDDINGS_URL http://127.0.0.1:")
+    assert worker.log().count(f"vllm is down: {why}") == 1
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import pytest
 from coordinator.core.errors import HeartbeatError
 from coordinator.core.heartbeat import (
     MAX_HEARTBEAT_BYTES,
+    MAX_REASON,
     TIER_CPU,
     TIER_GPU,
     TIER_STORAGE,
@@ -289,3 +290,8 @@ def test_design_heartbeat_round_trips() -> None:
     again = parse_heartbeat(hb.to_json(), "gpu-worker-abc123")
     assert again == hb
     assert json.loads(hb.to_json())["capabilities"] == ["vllm", "embeddings"]
+
+
+def test_a_long_service_error_is_kept_short_not_refused() -> None:
+    raw = json.dumps({"worker_id": "w", "service_errors": {"vllm": "x" * 5000}})
+    assert parse_heartbeat(raw).service_errors == {"vllm": "x" * MAX_REASON}

@@ -182,6 +182,13 @@ INVALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     | st.dictionaries(TEXT.filter(bool), BAD_SERVICE_STATUS, min_size=1, max_size=2)
     | st.just({"": "healthy"})
     | st.just({f"s{i}": "healthy" for i in range(65)}),
+    "service_errors": st.none()
+    | st.booleans()
+    | TEXT
+    | LISTS
+    | st.dictionaries(st.just("vllm"), NON_STR, min_size=1)
+    | st.just({"": "down"})
+    | st.just({f"s{i}": "down" for i in range(65)}),
     "tier": st.booleans()
     | st.integers().filter(lambda n: not 1 <= n <= 3)
     | FINITE
@@ -233,6 +240,7 @@ VALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "services_status": st.dictionaries(
         st.text(min_size=1, max_size=12), st.sampled_from(["healthy", "unhealthy"]), max_size=3
     ),
+    "service_errors": st.dictionaries(st.text(min_size=1, max_size=12), TEXT, max_size=3),
     "tier": st.none() | st.sampled_from([1, 2, 3, "gpu", "CPU", "Storage"]),
     "capabilities": st.lists(st.text(min_size=1, max_size=12), max_size=4),
     "queue": st.none() | st.text(min_size=1, max_size=20),

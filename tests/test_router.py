@@ -17,8 +17,9 @@ import redis
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.router import FleetRouter
 from coordinator.fleet.registry import Registry
-from coordinator.routing import SeedPolicy
+from coordinator.routing import CostPolicy, SeedPolicy
 from coordinator.routing.decisions import Decision
 from tests.conftest import SCENARIO_1, free_port
 
@@ -218,3 +219,23 @@ def test_a_burst_from_three_processes_spreads_over_equal_workers(
     for worker_id, count in counts.items():
         assert 0.20 * 300 <= count <= 0.47 * 300, (worker_id, counts)
     assert registry.snapshot().in_flight == dict(counts)
+
+
+class BrokenPolicy(CostPolicy):
+    """A policy with a bug every decision hits."""
+
+    def rank(self, pool: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug in the policy")
+
+
+def test_a_routing_bug_falls_back_and_logs_its_traceback_once(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    router = FleetRouter(registry=registry, policy=BrokenPolicy())
+    with caplog.at_level(logging.WARNING, logger="coordinator.dispatch.router"):
+        routes = [router.route(GENERATE, "vllm", "m") for _ in range(50)]
+    assert {r.queue for r in routes} == {registry.keys.service_queue("vllm")}
+    (record,) = caplog.records
+    assert "routing failed: ZeroDivisionError: a bug in the policy" in record.getMessage()
+    assert record.exc_info is not None  # the traceback, once

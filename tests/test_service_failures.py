@@ -3,6 +3,7 @@ before the retry is routed, and a model a worker does not have is routed to one 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -71,6 +72,33 @@ def test_a_model_the_worker_lacks_is_routed_to_one_that_has_it(
 
     assert answer["worker_id"] == "b"
     assert a_server.request_count("POST", "/api/generate") == 1
+
+
+def test_every_worker_found_without_the_model_stays_excluded(
+    start_worker: WorkerFactory,
+    fake_server: Callable[..., SimulatedModelServer],
+    registry: Registry,
+) -> None:
+    # a and b claim llama3.2 in memory (their listings say so) but answer 404 for it; c has
+    # it on disk only, so the router prefers a and b until both have said no.
+    listing = json.dumps({"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"}]})
+    liars = [fake_server(name, ["phi3"]) for name in "ab"]
+    for server in liars:
+        server.garble("/api/tags", listing)
+        server.garble("/api/ps", listing)
+    honest = fake_server("c", ["llama3.2"])
+    workers = [
+        start_worker(name, tier="gpu", server=server, extra_env=SLOW_HEARTBEATS, wait=False)
+        for name, server in zip("abc", [*liars, honest], strict=True)
+    ]
+    for worker in workers:
+        wait_for_worker(registry, worker)
+
+    answer = generate.delay("hi", model="llama3.2").get(timeout=60)
+
+    assert answer["worker_id"] == "c"
+    # Each liar was tried once: the second 404 did not send the task back to the first.
+    assert [s.request_count("POST", "/api/generate") for s in liars] == [1, 1]
 
 
 def test_a_model_nobody_has_fails_naming_what_the_fleet_serves(two_workers: TwoWorkers) -> None:

@@ -82,9 +82,11 @@ class HeartbeatSender:
         return self._probed
 
     def refresh_probes(self) -> ProbeResult:
-        """Probe now and use the result from the next heartbeat on."""
-        self._probed = self.probe()
+        """Probe now and use the result from the next heartbeat on; log each service that
+        went down (with its URL and why) or came back."""
+        before, self._probed = self._probed, self.probe()
         self.stats.sizes = self._probed.model_bytes
+        _log_changes(before, self._probed)
         return self._probed
 
     def would_evict(self, probed: ProbeResult) -> str | None:
@@ -125,6 +127,7 @@ class HeartbeatSender:
             models_in_memory=probed.models_in_memory,
             specialization=self.settings.worker_specialization,
             services_status=statuses,
+            service_errors={s: e for s, e in probed.errors.items() if s in statuses},
             tier=TIER_BY_NAME[self.tier],
             capabilities=capabilities,
             queue=self.queue,
@@ -213,6 +216,15 @@ class HeartbeatSender:
                     self.wake()  # the fleet should learn of a change now, not next beat
             except Exception:
                 log.exception("probing the model services failed")
+
+
+def _log_changes(before: ProbeResult, after: ProbeResult) -> None:
+    for service, error in after.errors.items():
+        if before.errors.get(service) is None:
+            log.warning("%s is down: %s", service, error)
+    for service, ok in after.services_status.items():
+        if ok and before.errors.get(service) is not None:
+            log.info("%s is back", service)
 
 
 def _healthy(probed: ProbeResult) -> list[str]:

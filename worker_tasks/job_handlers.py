@@ -239,6 +239,9 @@ def run_broadcast_job(
             ctx.close()
     except JobError as exc:
         return _outcome(me, started, error=str(exc), code=REFUSED_CODE)
+    except CoordinatorError as exc:  # a service down: its one-line reason, no traceback
+        log.warning("broadcast %s %s failed on %s: %s", job_name, broadcast_id, me, exc)
+        return _outcome(me, started, error=str(exc))
     except Exception as exc:  # a job's failure is reported, never raised into the chord
         log.exception("broadcast %s %s failed on %s", job_name, broadcast_id, me)
         return _outcome(me, started, error=f"{type(exc).__name__}: {exc}")

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 EXCLUDE_OPTION = "aiq_exclude"
 """A :meth:`ModelTask.retry` option: workers the retry must not be routed to."""
+EXCLUDED_HEADER = "aiq_excluded"
+"""The workers a task's earlier attempts found without its model, carried from retry to
+retry so that a model missing from several workers does not bounce between them."""
+MAX_EXCLUDED = 64
 
 
 class ModelTask(Task[Any, Any]):
@@ -72,7 +76,7 @@ class ModelTask(Task[Any, Any]):
         routed either, or the claim taken for it would have no message behind it.
         """
         spec = task_spec(self.name)
-        exclude = frozenset(options.pop(EXCLUDE_OPTION, ()))
+        exclude = self._excluded() | frozenset(options.pop(EXCLUDE_OPTION, ()))
         # Called directly or eagerly, Celery sends no retry message: nothing to route.
         in_worker = not (self.request.called_directly or self.request.is_eager)
         if spec is not None and in_worker and isinstance(exc, ServiceUnreachableError):
@@ -89,6 +93,8 @@ class ModelTask(Task[Any, Any]):
         # released when it ends (worker_tasks.outcomes).
         headers = dict(self.request.headers or {})
         headers.pop(CLAIM_HEADER, None)
+        if exclude:
+            headers[EXCLUDED_HEADER] = sorted(exclude)[:MAX_EXCLUDED]
         if route.claim is not None:
             headers[CLAIM_HEADER] = claim_header(route.claim)
         options.update(queue=route.queue, headers=headers)
@@ -100,6 +106,13 @@ class ModelTask(Task[Any, Any]):
             if route.claim is not None:  # not sent (the broker refused): take the claim back
                 self.app.router.claims.cancel(route.claim)
             raise
+
+    def _excluded(self) -> frozenset[str]:
+        """The workers earlier attempts of this task found without its model."""
+        carried = (self.request.headers or {}).get(EXCLUDED_HEADER)
+        if not isinstance(carried, list):
+            return frozenset()
+        return frozenset(w for w in carried[:MAX_EXCLUDED] if isinstance(w, str))
 
     def worker_settings(self) -> WorkerSettings:
         """This worker's settings (read from the environment outside a started worker)."""
@@ -135,7 +148,8 @@ class ModelTask(Task[Any, Any]):
             for_s,
         )
         try:
-            self.app.registry.mark_unreachable(settings.worker_id, service, for_s)
+            why = f"{exc.url}: {exc.reason} (from a task)"
+            self.app.registry.mark_unreachable(settings.worker_id, service, for_s, why)
             self.app.router.refresh()
         except Exception as error:  # the next heartbeat carries the news all the same
             log.warning("could not mark %s unreachable: %s", service, error)
@@ -147,11 +161,12 @@ class ModelTask(Task[Any, Any]):
             raise exc
         model = detect_required_model(self.name, kwargs)
         me = self.worker_settings().worker_id
+        tried = self._excluded() | {me}
         live = [hb for hb in self.app.registry.live_workers() if is_eligible(hb, spec.service)]
         holders = [
             hb.worker_id
             for hb in live
-            if hb.worker_id != me and model in (*hb.models_on_disk, *hb.models_in_memory)
+            if hb.worker_id not in tried and model in (*hb.models_on_disk, *hb.models_in_memory)
         ]
         if not holders:
             served = sorted({m for hb in live for m in (*hb.models_on_disk, *hb.models_in_memory)})

@@ -19,6 +19,10 @@ retries exhausted            the process that ran the task    ``task_postrun`` (
 revoked, expired             the worker's main process        ``task_revoked``
 rejected (bad message)       the worker's main process        ``task_rejected``
 unknown task                 the worker's main process        ``task_unknown``
+hard time limit              the worker's main process        ``task_failure`` with the
+                                                              claim ``task_received``
+                                                              noted there (the killed
+                                                              child ran no postrun)
 pool process lost            the message goes back to the     none: the claim stays with
                              queue (``task_reject_on_worker_  the message and is released
                              lost``)                          when it runs
@@ -30,10 +34,12 @@ worker lost                  the reaper                       the reaper moves t
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, signals
+from celery.exceptions import TimeLimitExceeded
 
 from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
 
@@ -59,8 +65,27 @@ def _header(headers: Mapping[str, Any] | None) -> object:
     return (headers or {}).get(CLAIM_HEADER)
 
 
+RECEIVED_KEPT = 10_000
+"""Claims of received messages the main process remembers, for a hard time limit (a
+prefork pool reports that in the main process, where the task's headers are not)."""
+
+
 def install(app: WorkerApp) -> None:
     """Connect one hook per outcome (see the table above) for ``app``'s tasks."""
+    received: OrderedDict[str, object] = OrderedDict()
+
+    @signals.task_received.connect(weak=False)
+    def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
+        header = _header(getattr(request, "request_dict", None))
+        if getattr(request, "task", None) is not None and request.task.app is app and header:
+            received[request.id] = header
+            while len(received) > RECEIVED_KEPT:
+                received.popitem(last=False)
+
+    @signals.task_failure.connect(weak=False)
+    def _timed_out(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+        if isinstance(exception, TimeLimitExceeded) and getattr(sender, "app", None) is app:
+            release(app, received.pop(task_id, None))
 
     @signals.task_postrun.connect(weak=False)
     def _ran(
@@ -68,6 +93,7 @@ def install(app: WorkerApp) -> None:
     ) -> None:
         task = task or sender
         if task is not None and task.app is app:
+            received.pop(task.request.id or "", None)  # the solo and threads pools run it here
             release(app, _header(task.request.headers))
 
     @signals.task_revoked.connect(weak=False)

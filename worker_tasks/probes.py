@@ -12,6 +12,7 @@ import httpx
 
 from coordinator.core.catalog import normalize_model
 from coordinator.core.heartbeat import MAX_MODELS
+from coordinator.fleet.registry import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ProbeResult:
     """Everything the probes found, per service of the catalogue."""
 
     services_status: dict[str, bool] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    """Why each service that did not answer is down: ``<url>: <error>``."""
     models_on_disk: tuple[str, ...] = ()
     models_in_memory: tuple[str, ...] = ()
     """Least recently used first (see :class:`OllamaState`)."""
@@ -139,13 +142,13 @@ def probe_health(client: httpx.Client, url: str) -> HealthState:
     return HealthState(True, tuple(n for m in models if (n := _name(m)) is not None))
 
 
-def probe_chromadb(client: httpx.Client, url: str) -> bool:
+def probe_chromadb(client: httpx.Client, url: str) -> HealthState:
     """Whether the ChromaDB server at ``url`` answers its heartbeat."""
     try:
         client.get(f"{url}/api/v2/heartbeat").raise_for_status()
-    except httpx.HTTPError:
-        return False
-    return True
+    except httpx.HTTPError as exc:
+        return HealthState(healthy=False, error=f"{type(exc).__name__}: {exc}")
+    return HealthState(healthy=True)
 
 
 def probe_services(
@@ -163,21 +166,34 @@ def probe_services(
     for the models on this host.
     """
     ollama = probe_ollama(client, ollama_url)
-    if not ollama.healthy:
-        log.debug("ollama at %s: %s", ollama_url, ollama.error)
     found = {"vllm": ollama.healthy}
+    errors = _error({}, "vllm", "OLLAMA_URL", ollama_url, ollama.error)
     models = list(ollama.on_disk)
-    for service, url in (("embeddings", embeddings_url), ("ocr", ocr_url)):
+    for service, setting, url in (
+        ("embeddings", "EMBEDDINGS_URL", embeddings_url),
+        ("ocr", "OCR_URL", ocr_url),
+    ):
         if url.rstrip("/") == ollama_url.rstrip("/"):
             found[service] = ollama.healthy
+            _error(errors, service, setting, url, ollama.error)
             continue
         state = probe_health(client, url)
-        if not state.healthy:
-            log.debug("%s at %s: %s", service, url, state.error)
         found[service] = state.healthy
+        _error(errors, service, setting, url, state.error)
         models.extend(state.models)
     if chromadb_url is not None:
-        found["chromadb"] = probe_chromadb(client, chromadb_url)
+        chroma = probe_chromadb(client, chromadb_url)
+        found["chromadb"] = chroma.healthy
+        _error(errors, "chromadb", "CHROMADB_URL", chromadb_url, chroma.error)
     on_host = tuple(dict.fromkeys(models))[:MAX_MODELS]
     sizes = {m: b for m, b in ollama.sizes.items() if m in on_host}
-    return ProbeResult(found, on_host, ollama.in_memory, sizes)
+    return ProbeResult(found, errors, on_host, ollama.in_memory, sizes)
+
+
+def _error(
+    errors: dict[str, str], service: str, setting: str, url: str, error: str | None
+) -> dict[str, str]:
+    """Record why ``service``, at ``url`` from ``setting``, is down, if it is."""
+    if error is not None:
+        errors[service] = f"{setting} {redact_url(url)}: {error}"
+    return errors

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from coordinator.core.catalog import EMBED
-from coordinator.core.errors import ServiceError
+from coordinator.core.errors import ServiceError, ServiceUnreachableError
 from coordinator.dispatch.app import FleetApp, default_app
 
 if TYPE_CHECKING:
@@ -85,13 +85,16 @@ def chroma_client(url: str) -> ClientAPI:
 
     parts = urlsplit(url)
     if parts.hostname is None:
-        raise ServiceError(url, "CHROMADB_URL has no host")
-    return chromadb.HttpClient(
-        host=parts.hostname,
-        port=parts.port or (443 if parts.scheme == "https" else 8000),
-        ssl=parts.scheme == "https",
-        settings=Settings(anonymized_telemetry=False),
-    )
+        raise ServiceError(url, "CHROMADB_URL has no host", what="ChromaDB")
+    try:
+        return chromadb.HttpClient(
+            host=parts.hostname,
+            port=parts.port or (443 if parts.scheme == "https" else 8000),
+            ssl=parts.scheme == "https",
+            settings=Settings(anonymized_telemetry=False),
+        )
+    except ValueError as exc:  # what chromadb raises when its first heartbeat finds nobody
+        raise ServiceUnreachableError(url, f"{exc} (CHROMADB_URL)", what="ChromaDB") from None
 
 
 def search(

@@ -125,10 +125,7 @@ def _workers(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     for w in views:
         memory = set(w.models_in_memory)
         models = dict.fromkeys([*w.models_in_memory, *w.loaded_models])
-        services = (
-            name if name not in w.services_status else f"{name} ({w.services_status[name]})"
-            for name in w.capabilities
-        )
+        services = (_service_cell(w, name) for name in w.capabilities)
         gpu = "-" if w.gpu_utilization is None else f"{w.gpu_utilization:.0f}"
         table.add_row(
             w.worker_id,
@@ -143,6 +140,17 @@ def _workers(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
         )
     _console().print(table)
     return EXIT_OK
+
+
+def _service_cell(worker: admin.WorkerView, service: str) -> str:
+    """``name (status)``, and why it is down when the worker said."""
+    status = worker.services_status.get(service)
+    if status is None:
+        return service
+    why = worker.service_errors.get(service)
+    return (
+        f"{service} ({status}: {why})" if why and status != "healthy" else f"{service} ({status})"
+    )
 
 
 def _services(args: argparse.Namespace, settings: CoordinatorSettings) -> int:

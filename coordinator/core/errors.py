@@ -25,15 +25,16 @@ class HeartbeatError(CoordinatorError):
 
 
 class ServiceError(CoordinatorError):
-    """A model service (Ollama, embeddings, OCR) failed or did not answer."""
+    """A model service (Ollama, embeddings, OCR) or the ChromaDB failed or did not answer."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, *, what: str = "model service") -> None:
         self.url = url
         self.reason = reason
+        self.what = what
         super().__init__(url, reason)
 
     def __str__(self) -> str:
-        return f"model service at {self.url!r} failed: {self.reason}"
+        return f"{self.what} at {self.url!r} failed: {self.reason}"
 
 
 class ServiceUnavailableError(ServiceError):

@@ -26,6 +26,8 @@ ROUTABLE_STATUSES: Final = frozenset({"healthy", "degraded"})
 ServiceStatus = Literal["healthy", "unhealthy"]
 WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:-]+$")]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_REASON: Final = 300
+"""Characters kept of a service's error: enough for its URL and the first line of why."""
 MAX_MODELS = 256
 """With names of at most 128 characters, a full heartbeat stays below the size limit."""
 MAX_ACTIVE = 1_000_000
@@ -63,6 +65,9 @@ class Heartbeat(BaseModel):
     models_in_memory: tuple[Name, ...] = Field(default=(), max_length=MAX_MODELS)
     specialization: Name | None = None
     services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
+    service_errors: dict[Name, str] = Field(
+        default_factory=dict, max_length=64, description="why an unhealthy service is down"
+    )
     tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE, strict=True)
     capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
     queue: Name | None = None
@@ -88,6 +93,11 @@ class Heartbeat(BaseModel):
         if isinstance(value, str) and value.lower() in TIER_BY_NAME:
             return TIER_BY_NAME[value.lower()]
         return value
+
+    @field_validator("service_errors", mode="after")
+    @classmethod
+    def _short_reasons(cls, value: dict[str, str]) -> dict[str, str]:
+        return {service: reason[:MAX_REASON] for service, reason in value.items()}
 
     @field_validator("models_on_disk", "models_in_memory", mode="after")
     @classmethod

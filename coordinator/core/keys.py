@@ -63,8 +63,10 @@ queue                               consumed by
                                     each worker's main process
 ==================================  ===============================================
 
-The registry keys share the hash tag ``{ns}`` so the registry's Lua script also works on
-Redis Cluster, where all keys of one script must live in one slot.
+The registry keys share the hash tag ``{ns}``, so one fleet's registry hashes to one slot.
+That is a step towards Redis Cluster, not support for it: the scripts build some key names
+from prefixes (Cluster wants every key a script touches passed in ``KEYS``) and kombu's
+Redis transport does not speak Cluster. Run one Redis per fleet (Sentinel for failover).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Self
+from typing import Any, Self
 
 from celery import Celery
 from celery.app import app_or_default
+from celery.result import AsyncResult
 
 from coordinator.core.settings import CoordinatorSettings, load_settings
 from coordinator.dispatch.router import FleetRouter
@@ -71,6 +72,12 @@ class FleetApp(Celery):
         if set_as_current:
             app.set_default()
         return app
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> AsyncResult[Any]:
+        """Celery's ``send_task`` (which ``delay`` and ``apply_async`` call): a message that
+        could not be published gives back the claim its route took."""
+        with self.router.publishing():
+            return super().send_task(name, *args, **options)
 
     def close(self) -> None:
         """Write the router's buffered claims and decisions, then close as Celery does."""

@@ -8,7 +8,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -102,6 +103,8 @@ class FleetRouter:
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _calls: threading.local = field(default_factory=threading.local, init=False, repr=False)
+    """The claim the router protocol took in this thread, for :meth:`publishing`."""
 
     def __post_init__(self) -> None:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
@@ -131,7 +134,25 @@ class FleetRouter:
         if route.claim is not None:
             headers[CLAIM_HEADER] = claim_header(route.claim)
         options["headers"] = headers
+        self._calls.claim = route.claim
         return {"queue": route.queue}
+
+    @contextmanager
+    def publishing(self) -> Iterator[None]:
+        """Around one publish (:meth:`FleetApp.send_task`): when it raises (an argument JSON
+        cannot encode, a broker down), the claim its route took is given back, since no
+        message carries it."""
+        self._calls.claim = None
+        try:
+            yield
+        except BaseException:
+            claim, self._calls.claim = getattr(self._calls, "claim", None), None
+            if claim is not None:
+                try:
+                    self.claims.cancel(claim)
+                except redis.RedisError as exc:  # it lapses; the caller's error matters more
+                    log.warning("could not give back the claim of an unsent task: %s", exc)
+            raise
 
     def route(
         self, task: str, service: str, model: str | None, exclude: frozenset[str] = frozenset()
@@ -148,8 +169,7 @@ class FleetRouter:
         try:
             with self._lock:
                 return self._route(task, service, model, started, exclude)
-        except Exception as exc:
-            log.exception("routing %s (model %s) failed", task, model)
+        except Exception as exc:  # logged with its traceback by _fallback, rate-limited
             return self._fallback(task, service, model, "fallback_error", started, exc)
 
     def _route(
@@ -371,6 +391,7 @@ class FleetRouter:
             task,
             model,
             queue,
+            exc_info=error if outcome == "fallback_error" else None,
         )
         decision = (
             self._decision(task, service, model, outcome, queue, reason=reason)
@@ -382,10 +403,12 @@ class FleetRouter:
         self.claims.add(None, decision, counters.fell_back(self.keys, service, label, latency_s))
         return Route(queue, None)
 
-    def _warn(self, topic: str, message: str, *args: object) -> None:
-        # A fleet-wide outage would log this once per task; once per topic per interval
-        # says the same thing.
+    def _warn(
+        self, topic: str, message: str, *args: object, exc_info: Exception | None = None
+    ) -> None:
+        # A fleet-wide outage, or a bug hit by every task, would log this once per task;
+        # once per topic per interval says the same thing.
         now = self.clock()
         if now - self._last_warning.get(topic, float("-inf")) >= WARN_EVERY_S:
             self._last_warning[topic] = now
-            log.warning(message, *args)
+            log.warning(message, *args, exc_info=exc_info)

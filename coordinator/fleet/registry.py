@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import redis
 
 from coordinator.core.errors import HeartbeatError
-from coordinator.core.heartbeat import MAX_ACTIVE, Heartbeat, parse_heartbeat
+from coordinator.core.heartbeat import MAX_ACTIVE, MAX_REASON, Heartbeat, parse_heartbeat
 from coordinator.core.keys import Keys
 from coordinator.fleet.lua import lua_script
 
@@ -117,12 +117,13 @@ def _ready_at(text: str, now: float) -> float:
     return ready_at if math.isfinite(ready_at) else now
 
 
-def _unreachable(flat: Sequence[str], now: float) -> dict[str, list[str]]:
-    """worker_id -> services marked unreachable and not yet back, from the snapshot."""
-    marks: dict[str, list[str]] = {}
+def _unreachable(flat: Sequence[str], now: float) -> dict[str, dict[str, str]]:
+    """worker_id -> {service: why} for services marked unreachable and not yet back."""
+    marks: dict[str, dict[str, str]] = {}
     for worker_id, service, value in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
-        if _float(str(value).split(" ")[-1]) > now:  # "marked_at until"
-            marks.setdefault(worker_id, []).append(service)
+        _, until, why = (*str(value).split(" ", 2), "", "")[:3]  # "marked_at until why"
+        if _float(until) > now:
+            marks.setdefault(worker_id, {})[service] = why or "unreachable from a task"
     return marks
 
 
@@ -224,7 +225,9 @@ class Registry:
             if services:
                 # Newer news than the heartbeat: a task could not reach these services.
                 status = {**heartbeat.services_status, **dict.fromkeys(services, "unhealthy")}
-                heartbeat = heartbeat.model_copy(update={"services_status": status})
+                errors = {**heartbeat.service_errors, **services}
+                update = {"services_status": status, "service_errors": errors}
+                heartbeat = heartbeat.model_copy(update=update)
             heartbeats.append(heartbeat)
         in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
         return Snapshot(tuple(heartbeats), in_flight, _leases(leases, at))
@@ -301,13 +304,14 @@ class Registry:
         lapse_at = repr(time.time() + min(lapse_s, TOMBSTONE_S))
         return bool(self._release_script(keys=keys, args=[claim_id, lapse_at]))
 
-    def mark_unreachable(self, worker_id: str, service: str, for_s: float) -> None:
+    def mark_unreachable(self, worker_id: str, service: str, for_s: float, why: str = "") -> None:
         """Count ``worker_id``'s ``service`` as unhealthy for ``for_s``: a task found it
-        unreachable, and routing should leave it now, not at the next heartbeat."""
+        unreachable (``why``: its URL and error), and routing should leave it now, not at
+        the next heartbeat."""
         key = self.keys.down(worker_id)
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, service, f"{now!r} {now + for_s!r}")
+        pipe.hset(key, service, f"{now!r} {now + for_s!r} {why[:MAX_REASON]}")
         pipe.pexpire(key, max(1, math.ceil(for_s * 1000)))
         pipe.execute()
 

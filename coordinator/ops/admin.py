@@ -31,6 +31,7 @@ class WorkerView(BaseModel):
     gpu_utilization: float | None
     available_memory: str | None
     services_status: dict[str, str]
+    service_errors: dict[str, str]
     capabilities: list[str]
     queue: str | None
     last_seen: float | None
@@ -61,6 +62,7 @@ def worker_view(heartbeat: Heartbeat, in_flight: int = 0) -> WorkerView:
         gpu_utilization=heartbeat.gpu_utilization,
         available_memory=heartbeat.available_memory,
         services_status=dict(heartbeat.services_status),
+        service_errors=dict(heartbeat.service_errors),
         capabilities=list(heartbeat.capabilities),
         queue=heartbeat.queue,
         last_seen=heartbeat.timestamp,

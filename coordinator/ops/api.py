@@ -1,10 +1,11 @@
 """The coordinator's HTTP API: fleet views for operators, broadcast jobs, Prometheus metrics.
 
 Every endpoint reads Redis through the app's registry; the views are the ones the CLI shows
-(:mod:`coordinator.ops.admin`). With a token, every endpoint but ``/healthz`` (the API docs
-included) wants ``Authorization: Bearer <token>``; without one, :func:`serve` binds to a
-loopback address only. The endpoints themselves are in :mod:`coordinator.ops.api_routes`;
-this module assembles them with the token, the body-size limit and the error handlers.
+(:mod:`coordinator.ops.admin`). With a token, every endpoint but ``/healthz`` and the API's
+own documentation wants ``Authorization: Bearer <token>``; without one, :func:`serve` binds
+to a loopback address only. The endpoints themselves are in
+:mod:`coordinator.ops.api_routes`; this module assembles them with the token, the body-size
+limit and the error handlers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
 
 from coordinator.core.errors import ConfigError
@@ -32,14 +34,12 @@ from coordinator.dispatch.app import FleetApp, create_app
 from coordinator.fleet.registry import redact_url
 from coordinator.ops.api_routes import (
     MAX_CONCURRENT_BROADCASTS,
-    OPENAPI_URL,
     BroadcastRequest,
     DecisionsResponse,
     ServicesResponse,
     WorkersResponse,
     admin_router,
     broadcast_router,
-    docs_router,
     health_router,
     metrics_router,
 )
@@ -48,7 +48,6 @@ from coordinator.recovery.reaper import Reaper
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_CONCURRENT_BROADCASTS",
-    "OPENAPI_URL",
     "BroadcastRequest",
     "DecisionsResponse",
     "ServicesResponse",
@@ -106,12 +105,12 @@ def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
     """
     if token is not None and not token.strip():
         raise ConfigError("COORDINATOR_API_TOKEN is empty: set a real token or leave it unset")
-    api = FastAPI(
+    # The documentation (/docs, /redoc, /openapi.json and their scripts, served from the
+    # package rather than a CDN) stays open: it describes the code, which is public, and holds
+    # nothing of the fleet; a browser opens it and sends the token through "Authorize".
+    api = FastAPIOffline(
         title="ai-task-coordinator",
         summary="Fleet views, broadcast jobs and metrics of a Celery + Redis AI task router",
-        docs_url=None,  # served by docs_router, behind the token
-        redoc_url=None,
-        openapi_url=None,
     )
     # A middleware, not a dependency: it runs before routing, so an oversized body is refused
     # (413) before the token is even looked at, and before anything reads the body.
@@ -119,7 +118,7 @@ def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
     _install_error_handlers(api, app.settings)
     api.include_router(health_router(app))
     guard = _token_dependencies(token)
-    for router in (admin_router(app), broadcast_router(app), metrics_router(app), docs_router(api)):
+    for router in (admin_router(app), broadcast_router(app), metrics_router(app)):
         api.include_router(router, dependencies=guard)
     return api
 

@@ -11,9 +11,8 @@ import threading
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, FastAPI, HTTPException, Query, status
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,7 +24,6 @@ from coordinator.ops.admin import ServiceView, WorkerView
 from coordinator.ops.metrics import FleetCollector
 from coordinator.routing.decisions import Decision
 
-OPENAPI_URL = "/openapi.json"
 MAX_CONCURRENT_BROADCASTS = 8
 """Broadcasts waiting at once; each holds one of the server's threads until it returns."""
 
@@ -148,21 +146,5 @@ def metrics_router(app: FleetApp) -> APIRouter:
     def prometheus_metrics() -> Response:
         """The fleet's counters and live workers, in Prometheus' text format."""
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
-
-    return router
-
-
-def docs_router(api: FastAPI) -> APIRouter:
-    """``api``'s OpenAPI schema and Swagger UI, served as routes so the token guards them too
-    (FastAPI's built-in ones would be open)."""
-    router = APIRouter()
-
-    @router.get(OPENAPI_URL, include_in_schema=False)
-    def openapi() -> JSONResponse:
-        return JSONResponse(api.openapi())
-
-    @router.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title=f"{api.title} - docs")
 
     return router
