@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from coordinator.core.errors import ConfigError
-from coordinator.core.heartbeat import Heartbeat
+from coordinator.core.heartbeat import TIER_CPU, Heartbeat
 from coordinator.core.score_weights import Weights
 from coordinator.routing import (
     POLICIES,
@@ -28,7 +28,7 @@ from coordinator.routing import (
     SeedPolicy,
     make_policy,
 )
-from coordinator.routing.cost import GB
+from coordinator.routing.cost import GB, TIER_SLOWDOWN
 from coordinator.routing.decisions import Decision
 
 SERVICE = "vllm"
@@ -350,3 +350,37 @@ def test_rows_this_reader_cannot_name_keep_the_worker_and_total(
     assert repr(policy) in decision.unnamed
     again = Decision.model_validate_json(decision.model_dump_json())
     assert (again.candidates, again.unnamed) == (decision.candidates, decision.unnamed)
+
+
+# -- the design's preferences before anything is measured ------------------------------------
+
+
+def test_a_gpu_worker_beats_a_cpu_worker_from_the_first_task() -> None:
+    fleet = (
+        hb("cpu", tier="cpu", models_in_memory=[MODEL], loaded_models=[MODEL]),
+        hb("gpu", tier="gpu", specialization=SERVICE, models_in_memory=[MODEL]),
+    )
+    assert set(winners(CostPolicy(), fleet, seed=1, draws=200)) == {"gpu"}
+    parts = estimates(fleet)
+    assert parts["cpu"].run_s == pytest.approx(TIER_SLOWDOWN[TIER_CPU] * parts["gpu"].run_s)
+
+
+def test_specialisation_breaks_ties() -> None:
+    fleet = (
+        hb("plain", tier="gpu", models_in_memory=[MODEL]),
+        hb("special", tier="gpu", specialization=SERVICE, models_in_memory=[MODEL]),
+    )
+    assert set(winners(CostPolicy(), fleet, seed=2, draws=200)) == {"special"}
+
+
+def test_measured_times_replace_the_tier_prior() -> None:
+    # This CPU worker measured itself faster than the GPU worker did.
+    fleet = (
+        hb("cpu", tier="cpu", models_in_memory=[MODEL], service_s={MODEL: 0.5}),
+        hb("gpu", tier="gpu", models_in_memory=[MODEL], service_s={MODEL: 2.0}),
+    )
+    assert set(winners(CostPolicy(), fleet, seed=3, draws=50)) == {"cpu"}
+    # One that has not measured is priced from the others' times, scaled by its tier.
+    grown = (*fleet, hb("new-cpu", tier="cpu", models_in_memory=[MODEL]))
+    gpu_scale = (0.5 / TIER_SLOWDOWN[TIER_CPU] + 2.0) / 2
+    assert estimates(grown)["new-cpu"].run_s == pytest.approx(gpu_scale * TIER_SLOWDOWN[TIER_CPU])

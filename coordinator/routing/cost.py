@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from coordinator.core.heartbeat import Heartbeat, is_eligible
+from coordinator.core.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat, is_eligible
 from coordinator.routing.interface import NO_LEASES, Breakdown, Leases, Policy
 
 ModelState = Literal["memory", "loading", "disk", "absent", "none"]
@@ -71,9 +71,15 @@ class CostCandidate:
     hold_per_request_s: float
     run_s: float
     fixed_s: float
+    preference_s: float = 0.0
+    """Subtracted when ranking, never shown: a worker specialised in the service wins ties."""
 
 
 GB: Final = 1_000_000_000
+TIER_SLOWDOWN: Final = {TIER_GPU: 1.0, TIER_CPU: 4.0, TIER_STORAGE: 8.0}
+"""How much longer a task runs on each tier than on a GPU, until the worker has measured its
+own times: a prior, replaced by measurements as they arrive. A 3B model generates about 4x
+slower on a server CPU than on a mid-range GPU; a storage host's CPU is weaker still."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +97,8 @@ class _FleetView:
     load_bps: float
     """The fleet's mean measured load bandwidth: for workers that have not measured theirs."""
     mean_s: float
-    """The fleet's mean task time: for workers that have not measured theirs."""
+    """The fleet's mean task time, on a GPU's scale: for workers that have not measured
+    theirs."""
 
     # Every candidate asks about the same few models: scanning the fleet each time would
     # make ``prepare`` quadratic in the fleet's size.
@@ -107,9 +114,13 @@ class _FleetView:
         return known
 
     def run_s(self, model: str) -> float | None:
-        """The model's mean task time over the workers that measured it."""
+        """The model's mean task time over the workers that measured it, on a GPU's scale."""
         if model not in self._runs:
-            runs = [t for hb in self.heartbeats if (t := hb.service_s.get(model)) is not None]
+            runs = [
+                t / slowdown(hb)
+                for hb in self.heartbeats
+                if (t := hb.service_s.get(model)) is not None
+            ]
             self._runs[model] = sum(runs) / len(runs) if runs else None
         return self._runs[model]
 
@@ -141,7 +152,10 @@ class CostPolicy(Policy[CostCandidate]):
       copies left would not serve its demand (with no demand figures: when no other
       worker holds it);
     * run: the worker's recent mean time for this model, else the fleet's, else the
-      worker's mean over all tasks.
+      worker's mean over all tasks. Until a worker has measured its own, its tier sets how
+      much slower than a GPU it is (:data:`TIER_SLOWDOWN`: CPU 4x), so the design's
+      preference for GPUs holds from the first task;
+    * ties: a worker specialised in the service wins them.
 
     A worker that has not measured its load bandwidth or task time is taken to have the
     fleet's mean; unknowns fleet-wide fall back to the defaults below.
@@ -186,7 +200,7 @@ class CostPolicy(Policy[CostCandidate]):
             for worker_id, ready_at in held.items():
                 busy_until[worker_id] = max(ready_at, busy_until.get(worker_id, ready_at))
         bandwidths = [hb.load_bps for hb in fleet if hb.load_bps is not None]
-        means = [hb.mean_service_s for hb in fleet if hb.mean_service_s is not None]
+        means = [hb.mean_service_s / slowdown(hb) for hb in fleet if hb.mean_service_s is not None]
         view = _FleetView(
             fleet,
             copies,
@@ -205,7 +219,7 @@ class CostPolicy(Policy[CostCandidate]):
             weight = 1.0
         fleet_run_s = view.run_s(model) if model is not None else None
         return [
-            self._candidate(hb, view, model, fleet_run_s, loading, weight, now)
+            self._candidate(hb, view, model, fleet_run_s, loading, weight, now, service)
             for hb in fleet
             if is_eligible(hb, service)
         ]
@@ -219,12 +233,13 @@ class CostPolicy(Policy[CostCandidate]):
         loading: Mapping[str, float],
         weight: float,
         now: float,
+        service: str,
     ) -> CostCandidate:
-        times = hb.service_s
+        times, slower = hb.service_s, slowdown(hb)
         mean_s = hb.mean_service_s
         if mean_s is None:  # a worker that does not report it: its models, unweighted
-            mean_s = sum(times.values()) / len(times) if times else view.mean_s
-        run_s = times.get(model or "", fleet_run_s if fleet_run_s is not None else mean_s)
+            mean_s = sum(times.values()) / len(times) if times else view.mean_s * slower
+        run_s = times.get(model or "", fleet_run_s * slower if fleet_run_s is not None else mean_s)
         load_bps = hb.load_bps or view.load_bps
         # Whatever the model, a task queues behind the loads the worker is doing.
         ready_in_s = max(0.0, view.busy_until.get(hb.worker_id, now) - now)
@@ -262,6 +277,7 @@ class CostPolicy(Policy[CostCandidate]):
             hold_per_request_s=hold_per_request_s,
             run_s=run_s,
             fixed_s=download_s + load_s + evict_s + hold_s + run_s,
+            preference_s=2 * self.tie_s if hb.specialization == service else 0.0,
         )
 
     def _eviction_s(self, victim: str, view: _FleetView, load_bps: float) -> float:
@@ -297,6 +313,7 @@ class CostPolicy(Policy[CostCandidate]):
             + c.fixed_s
             + c.hold_per_request_s * n
             + rand() * jitter
+            - c.preference_s
             for c, n in zip(pool, loads, strict=True)
         ]
         order = sorted(range(len(pool)), key=keys.__getitem__)
@@ -326,6 +343,11 @@ class CostPolicy(Policy[CostCandidate]):
             return None
         assert isinstance(breakdown, Estimate)
         return winner.model, breakdown.queue_s + breakdown.download_s + breakdown.load_s
+
+
+def slowdown(hb: Heartbeat) -> float:
+    """The worker's tier prior (:data:`TIER_SLOWDOWN`); an unknown tier counts as a GPU."""
+    return TIER_SLOWDOWN.get(hb.tier, 1.0) if hb.tier is not None else 1.0
 
 
 def _zero() -> float:
