@@ -189,6 +189,17 @@ INVALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     | st.dictionaries(st.just("vllm"), NON_STR, min_size=1)
     | st.just({"": "down"})
     | st.just({f"s{i}": "down" for i in range(65)}),
+    "server_load": st.none()
+    | st.booleans()
+    | TEXT
+    | LISTS
+    | st.dictionaries(
+        st.just("vllm"),
+        st.fixed_dictionaries({"waiting": NON_NUMBER | NEGATIVE | st.just(1.5)})
+        | st.fixed_dictionaries({"kv_cache_usage": NON_NUMBER | NEGATIVE | st.just(1.01)})
+        | NON_NUMBER,
+        min_size=1,
+    ),
     "tier": st.booleans()
     | st.integers().filter(lambda n: not 1 <= n <= 3)
     | FINITE
@@ -241,6 +252,14 @@ VALID: Final[dict[str, st.SearchStrategy[Any]]] = {
         st.text(min_size=1, max_size=12), st.sampled_from(["healthy", "unhealthy"]), max_size=3
     ),
     "service_errors": st.dictionaries(st.text(min_size=1, max_size=12), TEXT, max_size=3),
+    "server_load": st.dictionaries(
+        st.sampled_from(["vllm", "embeddings"]),
+        st.fixed_dictionaries(
+            {"waiting": st.integers(0, 1000), "running": st.integers(0, 1000)},
+            optional={"kv_cache_usage": st.floats(0.0, 1.0)},
+        ),
+        max_size=2,
+    ),
     "tier": st.none() | st.sampled_from([1, 2, 3, "gpu", "CPU", "Storage"]),
     "capabilities": st.lists(st.text(min_size=1, max_size=12), max_size=4),
     "queue": st.none() | st.text(min_size=1, max_size=20),

@@ -16,14 +16,16 @@ import httpx
 import pytest
 
 from coordinator.core.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat
-from coordinator.core.settings import CoordinatorSettings, WorkerSettings
+from coordinator.core.settings import CoordinatorSettings, Endpoint, WorkerSettings
 from coordinator.dispatch.app import FleetApp
 from coordinator.fleet.registry import Registry
 from coordinator.sim.servers.ollama import SimulatedModelServer, _model_entry
 from tests.conftest import ROOT, WorkerFactory, free_port, wait_for
 from worker_tasks.heartbeat_sender import HeartbeatSender
+from worker_tasks.model_servers.base import ServerState
+from worker_tasks.model_servers.ollama import OllamaBackend
 from worker_tasks.model_stats import ModelStats, answer_times
-from worker_tasks.probes import probe_ollama, probe_services
+from worker_tasks.probes import probe_services
 from worker_tasks.tasks import generate
 
 GB = 1_000_000_000
@@ -147,6 +149,10 @@ def test_the_max_loaded_and_load_bps_flags(tmp_path: Path) -> None:
 # --- probes ----------------------------------------------------------------------------
 
 
+def probe_ollama(client: httpx.Client, url: str) -> ServerState:
+    return OllamaBackend().probe(client, Endpoint("vllm", url, "ollama"))
+
+
 def test_probes_report_sizes_and_least_recently_used_first(
     servers: list[SimulatedModelServer],
 ) -> None:
@@ -154,9 +160,7 @@ def test_probes_report_sizes_and_least_recently_used_first(
     use(server, "b")
     with httpx.Client(timeout=5) as client:
         state = probe_ollama(client, server.url)
-        probed = probe_services(
-            client, ollama_url=server.url, embeddings_url=server.url, ocr_url=server.url
-        )
+        probed = probe_services(client, WorkerSettings(ollama_url=server.url))
     assert ps_names(server) == ["b", "a"]
     assert state.in_memory == ("a", "b")  # a's expires_at is the earliest
     assert state.sizes == {m: size_of(m) for m in "abc"}

@@ -384,3 +384,15 @@ def test_measured_times_replace_the_tier_prior() -> None:
     grown = (*fleet, hb("new-cpu", tier="cpu", models_in_memory=[MODEL]))
     gpu_scale = (0.5 / TIER_SLOWDOWN[TIER_CPU] + 2.0) / 2
     assert estimates(grown)["new-cpu"].run_s == pytest.approx(gpu_scale * TIER_SLOWDOWN[TIER_CPU])
+
+
+def test_a_server_busy_with_other_clients_or_with_a_full_kv_cache_is_avoided() -> None:
+    idle = hb("idle", models_in_memory=[MODEL])
+    for load in ({"waiting": 50}, {"kv_cache_usage": 0.95}):
+        busy = hb("busy", models_in_memory=[MODEL], server_load={SERVICE: load})
+        assert set(winners(CostPolicy(), (busy, idle), seed=4, draws=50)) == {"idle"}
+    # Our own requests queued there are counted once, not again as the server's.
+    ours = hb(
+        "ours", models_in_memory=[MODEL], active_requests=3, server_load={SERVICE: {"waiting": 3}}
+    )
+    assert estimates((ours,))["ours"].queue_s == pytest.approx(3 * CostPolicy().default_service_s)

@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.score_weights import Weights
-from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.core.settings import CoordinatorSettings, Endpoint, WorkerSettings, load_settings
 from coordinator.routing import POLICIES
 
 VARIABLES = (
@@ -32,6 +32,13 @@ VARIABLES = (
     "OLLAMA_URL",
     "EMBEDDINGS_URL",
     "OCR_URL",
+    "VLLM_URL",
+    "VLLM_API",
+    "VLLM_API_KEY",
+    "EMBEDDINGS_API",
+    "EMBEDDINGS_API_KEY",
+    "OCR_API",
+    "OCR_API_KEY",
     "PROBE_TIMEOUT_S",
     "MODEL_TIMEOUT_S",
     "REGISTRY_REFRESH_S",
@@ -68,8 +75,9 @@ def test_worker_defaults() -> None:
     assert s.redis_url == "redis://localhost:6379/0"
     assert (s.heartbeat_interval_s, s.ttl_s) == (30.0, 90.0)
     assert s.ollama_url == "http://localhost:11434"
-    assert s.embeddings_url == "http://localhost:8000"
-    assert s.ocr_url == "http://localhost:8001"
+    # One Ollama serves every service unless told otherwise; its API is detected.
+    for service in ("vllm", "embeddings", "ocr"):
+        assert s.endpoint(service) == Endpoint(service, "http://localhost:11434", "auto")
     assert s.worker_id == socket.gethostname()
     assert s.worker_tier is None
     assert s.worker_specialization is None
@@ -288,3 +296,25 @@ def test_default_namespace_keys() -> None:
     keys = load_settings(WorkerSettings).keys
     assert keys.worker_queue("w1") == "aiq.worker.w1"
     assert keys.worker("w1") == "{aiq}:worker:w1"
+
+
+def test_each_service_names_its_server_api_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_URL", "http://vllm:8000/")
+    monkeypatch.setenv("VLLM_API", "openai")
+    monkeypatch.setenv("VLLM_API_KEY", "k3y")
+    monkeypatch.setenv("EMBEDDINGS_URL", "http://tei:80")
+    monkeypatch.setenv("EMBEDDINGS_API", "tei")
+    s = load_settings(WorkerSettings)
+    assert s.endpoint("vllm") == Endpoint("vllm", "http://vllm:8000", "openai", "k3y", "VLLM_URL")
+    assert s.endpoint("embeddings").api == "tei"
+    assert s.endpoint("ocr").setting == "OLLAMA_URL"
+    assert "k3y" not in repr(s)
+    assert "k3y" not in repr(s.endpoint("vllm"))
+
+
+def test_an_unknown_server_api_is_refused_naming_the_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OCR_API", "grpc")
+    with pytest.raises(ConfigError, match=r"OCR_API='grpc'.*'ollama', 'openai', 'tei' or 'auto'"):
+        load_settings(WorkerSettings)

@@ -58,13 +58,7 @@ class HeartbeatSender:
 
     def probe(self) -> ProbeResult:
         """Probe the model services now."""
-        return probe_services(
-            self._http,
-            ollama_url=self.settings.ollama_url,
-            embeddings_url=self.settings.embeddings_url,
-            ocr_url=self.settings.ocr_url,
-            chromadb_url=self.settings.served_chromadb_url,
-        )
+        return probe_services(self._http, self.settings)
 
     def capabilities(self, probed: ProbeResult) -> tuple[str, ...]:
         """Configured capabilities, else every service that has answered since start.
@@ -128,6 +122,7 @@ class HeartbeatSender:
             specialization=self.settings.worker_specialization,
             services_status=statuses,
             service_errors={s: e for s, e in probed.errors.items() if s in statuses},
+            server_load={s: load for s, load in probed.server_load.items() if s in statuses},
             tier=TIER_BY_NAME[self.tier],
             capabilities=capabilities,
             queue=self.queue,

@@ -33,11 +33,14 @@ from coordinator.broadcast.job_types import (
     job_type,
 )
 from coordinator.broadcast.rag import chroma_client, chunk_document
+from coordinator.core.catalog import normalize_model
 from coordinator.core.errors import CoordinatorError, JobError
 from coordinator.core.heartbeat import TIER_BY_NAME, TIER_CPU
-from coordinator.core.settings import WorkerSettings, load_settings
-from worker_tasks import model_client
+from coordinator.core.settings import Endpoint, WorkerSettings, load_settings
+from worker_tasks import model_servers
 from worker_tasks.heartbeat_sender import HeartbeatSender
+from worker_tasks.model_servers import Backend
+from worker_tasks.model_servers.ollama import OllamaBackend
 from worker_tasks.worker_app import WorkerApp
 
 log = logging.getLogger(__name__)
@@ -52,20 +55,16 @@ class JobContext:
 
     settings: WorkerSettings
     heartbeat: HeartbeatSender | None
-    _http: httpx.Client | None = None
 
     @property
     def http(self) -> httpx.Client:
-        """An HTTP client with the model-call timeout, made on first use (a ping needs none:
-        making one costs more than the ping)."""
-        if self._http is None:
-            self._http = httpx.Client(timeout=self.settings.model_timeout_s)
-        return self._http
+        """The process's pooled client, with the model-call timeout."""
+        return model_servers.shared_client(self.settings.model_timeout_s)
 
-    def close(self) -> None:
-        """Close what the handler opened."""
-        if self._http is not None:
-            self._http.close()
+    def server(self, service: str) -> tuple[Endpoint, Backend]:
+        """``service``'s endpoint and the backend for its API."""
+        endpoint = self.settings.endpoint(service)
+        return endpoint, model_servers.backend(self.http, endpoint)
 
 
 Handler = Callable[[JobContext, Any], dict[str, Any]]
@@ -77,21 +76,25 @@ def ping(ctx: JobContext, data: JobData) -> dict[str, Any]:
 
 
 def warm_model(ctx: JobContext, data: WarmModelData) -> dict[str, Any]:
-    """Pull the model if Ollama lacks it, then load it into memory."""
-    url = ctx.settings.ollama_url.rstrip("/")
-    tags = model_client.get_json(ctx.http, f"{url}/api/tags")
-    names = {m.get("name", "").removesuffix(":latest") for m in tags.get("models", [])}
-    pulled = data.model.removesuffix(":latest") not in names
-    if pulled:
-        model_client.post_json(ctx.http, f"{url}/api/pull", {"model": data.model, "stream": False})
-    body: dict[str, Any] = {"model": data.model, "prompt": "", "stream": False}
-    if data.keep_alive is not None:
-        body["keep_alive"] = data.keep_alive
-    model_client.post_json(ctx.http, f"{url}/api/generate", body)  # empty prompt: load only
-    if ctx.heartbeat is not None:
-        ctx.heartbeat.refresh_probes()
-        ctx.heartbeat.beat()  # routing should find the model loaded from now on
-    return {"model": data.model, "pulled": pulled, "loaded": True}
+    """Load the model into memory, pulling it first if Ollama lacks it; a server that serves
+    a fixed set of models (OpenAI-compatible, TEI) answers whether it serves this one."""
+    model = normalize_model(data.model)
+    for service in ("vllm", "embeddings", "ocr"):
+        endpoint, server = ctx.server(service)
+        state = server.probe(ctx.http, endpoint)
+        if not isinstance(server, OllamaBackend):
+            if model in state.in_memory:
+                return {"model": model, "pulled": False, "loaded": True}
+            continue
+        pulled = model not in state.on_disk
+        if pulled:
+            server.pull(ctx.http, endpoint, model)
+        server.load(ctx.http, endpoint, model, data.keep_alive)
+        if ctx.heartbeat is not None:
+            ctx.heartbeat.refresh_probes()
+            ctx.heartbeat.beat()  # routing should find the model loaded from now on
+        return {"model": model, "pulled": pulled, "loaded": True}
+    raise JobError(f"no model server on {ctx.settings.worker_id} serves or can load {model!r}")
 
 
 def rag_ingestion(ctx: JobContext, data: RagIngestionData) -> dict[str, Any]:
@@ -157,10 +160,10 @@ def _embed_batch(
     ctx: JobContext, model: str, batch: list[Any], failed: list[dict[str, str]]
 ) -> list[Any]:
     """Embed a batch of documents' chunks; on failure, document by document."""
-    url = ctx.settings.embeddings_url
     texts = [chunk.text for _, chunks in batch for chunk in chunks]
     try:
-        vectors = model_client.embed(ctx.http, url, model=model, texts=texts)["embeddings"]
+        endpoint, server = ctx.server("embeddings")
+        vectors = server.embed(ctx.http, endpoint, model=model, texts=texts)["embeddings"]
     except CoordinatorError:
         if len(batch) == 1:
             doc, _ = batch[0]
@@ -232,11 +235,7 @@ def run_broadcast_job(
             reason = f"worker {me!r} does not offer {required_capability!r}"
             return _outcome(me, started, error=reason, code=REFUSED_CODE)
         data = job.parse(job_data)
-        ctx = JobContext(settings, sender)
-        try:
-            result = HANDLERS[job.name](ctx, data)
-        finally:
-            ctx.close()
+        result = HANDLERS[job.name](JobContext(settings, sender), data)
     except JobError as exc:
         return _outcome(me, started, error=str(exc), code=REFUSED_CODE)
     except CoordinatorError as exc:  # a service down: its one-line reason, no traceback

@@ -30,9 +30,11 @@ from coordinator.core.errors import (
     ServiceUnreachableError,
 )
 from coordinator.core.heartbeat import is_eligible
-from coordinator.core.settings import WorkerSettings, load_settings
+from coordinator.core.settings import Endpoint, WorkerSettings, load_settings
 from coordinator.dispatch.app import FleetApp
 from coordinator.fleet.claims import CLAIM_HEADER, claim_header
+from worker_tasks import model_servers
+from worker_tasks.model_servers import Backend
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,17 @@ class ModelTask(Task[Any, Any]):
         runtime = getattr(self.app, "runtime", None)
         return runtime.settings if runtime is not None else load_settings(WorkerSettings)
 
-    def http(self, settings: WorkerSettings) -> httpx.Client:
-        """A client with the model-call timeout."""
-        return httpx.Client(timeout=settings.model_timeout_s)
+    def server(
+        self, service: str, settings: WorkerSettings
+    ) -> tuple[httpx.Client, Endpoint, Backend]:
+        """The process's pooled client, ``service``'s endpoint and the backend for its API.
+
+        Raises:
+            ServiceUnreachableError: the API is to be detected and nothing answered.
+        """
+        client = model_servers.shared_client(settings.model_timeout_s)
+        endpoint = settings.endpoint(service)
+        return client, endpoint, model_servers.backend(client, endpoint)
 
     def record(self, model: str, answer: Mapping[str, Any], started: float) -> None:
         """Add a model call that began at ``started`` (``time.monotonic()``) to this worker's

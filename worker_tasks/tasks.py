@@ -15,7 +15,6 @@ from celery.local import Proxy
 from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS
 from coordinator.core.errors import TaskInputError
 from coordinator.dispatch.app import default_app
-from worker_tasks import model_client
 from worker_tasks.model_task import ModelTask
 
 OCR_PROMPT = "Extract all text from this image. Answer with the text only."
@@ -57,14 +56,13 @@ def _generate(
     model: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Generate text with an Ollama model (service ``vllm``); not streamed."""
+    """Generate text (service ``vllm``: Ollama or an OpenAI-compatible server); not streamed."""
     settings = self.worker_settings()
     name = _model(model, TASKS[GENERATE].default_model)
-    with self.http(settings) as client:
-        started = time.monotonic()
-        answer = model_client.generate(
-            client, settings.ollama_url, model=name, prompt=_text(prompt, "prompt"), options=options
-        )
+    text = _text(prompt, "prompt")  # bad input fails before any server is asked
+    client, endpoint, server = self.server("vllm", settings)
+    started = time.monotonic()
+    answer = server.generate(client, endpoint, model=name, prompt=text, options=options)
     self.record(name, answer, started)
     return {
         "worker_id": settings.worker_id,
@@ -87,11 +85,10 @@ def _ocr(
     settings = self.worker_settings()
     name = _model(model, TASKS[OCR].default_model)
     images = [_image_base64(image)]
-    with self.http(settings) as client:
-        started = time.monotonic()
-        answer = model_client.generate(
-            client, settings.ocr_url, model=name, prompt=_text(prompt, "prompt"), images=images
-        )
+    text = _text(prompt, "prompt")
+    client, endpoint, server = self.server("ocr", settings)
+    started = time.monotonic()
+    answer = server.generate(client, endpoint, model=name, prompt=text, images=images)
     self.record(name, answer, started)
     return {"worker_id": settings.worker_id, "model": name, "text": answer["response"]}
 
@@ -112,9 +109,9 @@ def _embed(
             f"texts must be a string or a list of 1-{MAX_EMBED_TEXTS} strings, got {texts!r:.80}"
         )
     checked = [_text(item, "texts[]") for item in items]
-    with self.http(settings) as client:
-        started = time.monotonic()
-        answer = model_client.embed(client, settings.embeddings_url, model=name, texts=checked)
+    client, endpoint, server = self.server("embeddings", settings)
+    started = time.monotonic()
+    answer = server.embed(client, endpoint, model=name, texts=checked)
     self.record(name, answer, started)
     return {"worker_id": settings.worker_id, "model": name, "embeddings": answer["embeddings"]}
 

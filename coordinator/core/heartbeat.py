@@ -35,6 +35,17 @@ Bytes = Annotated[int, Field(ge=0, le=2**50, strict=True)]
 Seconds = Annotated[float, Field(ge=0.0, le=86_400.0, strict=True)]
 
 
+class ServerLoad(BaseModel):
+    """The load a model server publishes on ``/metrics``: every client's requests, not only
+    the fleet's (see ``worker_tasks/model_servers/server_metrics.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+    waiting: int = Field(default=0, ge=0, le=MAX_ACTIVE, strict=True)
+    running: int = Field(default=0, ge=0, le=MAX_ACTIVE, strict=True)
+    kv_cache_usage: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+
+
 class Heartbeat(BaseModel):
     """One worker's state as last reported; the router's only view of the fleet.
 
@@ -67,6 +78,9 @@ class Heartbeat(BaseModel):
     services_status: dict[Name, ServiceStatus] = Field(default_factory=dict, max_length=64)
     service_errors: dict[Name, str] = Field(
         default_factory=dict, max_length=64, description="why an unhealthy service is down"
+    )
+    server_load: dict[Name, ServerLoad] = Field(
+        default_factory=dict, max_length=64, description="per service, its server's load"
     )
     tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE, strict=True)
     capabilities: tuple[Name, ...] = Field(default=(), max_length=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, Self, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -18,6 +19,10 @@ _NAME = r"^[A-Za-z0-9_.@:-]+$"
 
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+socket")
 """What a Redis URL may start with: redis-py's schemes, and kombu's for a Unix socket."""
+
+ServerApi = Literal["ollama", "openai", "tei", "auto"]
+"""The API a model server speaks: Ollama's, the OpenAI-compatible one (vLLM, SGLang,
+llama.cpp's llama-server), Hugging Face TEI's, or ``auto``: detected by probing."""
 
 POLICY_NAMES: Final = ("random", "round_robin", "least_loaded", "p2c", "seed", "cost")
 """Every ``ROUTING_POLICY``; :data:`coordinator.routing.POLICIES` has a class for each (tested),
@@ -114,8 +119,17 @@ class WorkerSettings(CoordinatorSettings):
     worker_specialization: str | None = None
     worker_capabilities: Annotated[list[str] | None, NoDecode] = None
     ollama_url: str = "http://localhost:11434"
-    embeddings_url: str = "http://localhost:8000"
-    ocr_url: str = "http://localhost:8001"
+    # Each service's server: its URL (default: OLLAMA_URL), its API (default: detected)
+    # and an optional key sent as a bearer token.
+    vllm_url: str | None = None
+    vllm_api: ServerApi = "auto"
+    vllm_api_key: SecretStr | None = None
+    embeddings_url: str | None = None
+    embeddings_api: ServerApi = "auto"
+    embeddings_api_key: SecretStr | None = None
+    ocr_url: str | None = None
+    ocr_api: ServerApi = "auto"
+    ocr_api_key: SecretStr | None = None
     probe_timeout_s: float = Field(default=2.0, gt=0.0)
     model_timeout_s: float = Field(default=300.0, gt=0.0)
     enable_chromadb: bool = Field(default=False, description="serve ChromaDB (storage tier)")
@@ -128,6 +142,19 @@ class WorkerSettings(CoordinatorSettings):
     worker_download_bps: float | None = Field(
         default=None, gt=0.0, description="bytes/s a model download is expected to reach"
     )
+
+    def endpoint(self, service: str) -> Endpoint:
+        """Where ``service`` (``vllm``, ``embeddings`` or ``ocr``) is served on this host."""
+        prefix = service.upper()
+        url = getattr(self, f"{service}_url", None)
+        key: SecretStr | None = getattr(self, f"{service}_api_key", None)
+        return Endpoint(
+            service=service,
+            url=(url or self.ollama_url).rstrip("/"),
+            api=getattr(self, f"{service}_api", "auto"),
+            api_key=key.get_secret_value() if key is not None else None,
+            setting=f"{prefix}_URL" if url else "OLLAMA_URL",
+        )
 
     @property
     def served_chromadb_url(self) -> str | None:
@@ -153,6 +180,18 @@ class WorkerSettings(CoordinatorSettings):
     @classmethod
     def _tier_any_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One service's model server as configured: ``api`` ``auto`` is detected by probing."""
+
+    service: str
+    url: str
+    api: ServerApi
+    api_key: str | None = field(default=None, repr=False)
+    setting: str = "OLLAMA_URL"
+    """The variable the URL came from, for error messages."""
 
 
 S = TypeVar("S", bound=CoordinatorSettings)

@@ -71,6 +71,8 @@ class CostCandidate:
     hold_per_request_s: float
     run_s: float
     fixed_s: float
+    server_wait_s: float = 0.0
+    """Waiting behind what the model server queues for other clients (its ``/metrics``)."""
     preference_s: float = 0.0
     """Subtracted when ranking, never shown: a worker specialised in the service wins ties."""
 
@@ -137,7 +139,9 @@ class CostPolicy(Policy[CostCandidate]):
 
     * queue wait: the worker's requests (the larger of heartbeat and in-flight count) times
       its recent mean task time (``mean_service_s``); when loads are under way there
-      (leases), the wait is at least the time until they are done;
+      (leases), the wait is at least the time until they are done. On top, what its model
+      server queues for other clients (``server_load``), and one request more when the
+      server's KV cache is at least ``kv_cache_full``;
     * load: 0 in memory; size / the worker's measured load bandwidth on disk; download time
       plus that when absent. A model's size is what any worker reported for it;
     * hold: what the task costs the requests that will queue behind it. A worker with
@@ -176,6 +180,8 @@ class CostPolicy(Policy[CostCandidate]):
     """Share of the task's own run time charged again per request queued on the worker."""
     demand_horizon_s: float = 60.0
     """How far ahead an evicted model's demand is expected to ask for it again."""
+    kv_cache_full: float = 0.9
+    """KV-cache use from which a server is taken to queue new requests (as llm-d's picker)."""
     tie_s: float = 1e-3
     """Random jitter (seconds) that splits equal estimates; not shown in breakdowns."""
 
@@ -277,8 +283,19 @@ class CostPolicy(Policy[CostCandidate]):
             hold_per_request_s=hold_per_request_s,
             run_s=run_s,
             fixed_s=download_s + load_s + evict_s + hold_s + run_s,
+            server_wait_s=self._server_wait_s(hb, service, mean_s),
             preference_s=2 * self.tie_s if hb.specialization == service else 0.0,
         )
+
+    def _server_wait_s(self, hb: Heartbeat, service: str, per_request_s: float) -> float:
+        """The server's own queue beyond the worker's requests (those are counted already),
+        and one request more when its KV cache is nearly full: it would queue or preempt."""
+        load = hb.server_load.get(service)
+        if load is None:
+            return 0.0
+        wait_s = max(0, load.waiting - hb.active_requests) * per_request_s
+        kv = load.kv_cache_usage
+        return wait_s + (per_request_s if kv is not None and kv >= self.kv_cache_full else 0.0)
 
     def _eviction_s(self, victim: str, view: _FleetView, load_bps: float) -> float:
         reload_s = view.size(victim) / load_bps * self.load_weight
@@ -310,6 +327,7 @@ class CostPolicy(Policy[CostCandidate]):
         ]
         keys = [
             (w if (w := c.per_request_s * n) > c.ready_in_s else c.ready_in_s)
+            + c.server_wait_s
             + c.fixed_s
             + c.hold_per_request_s * n
             + rand() * jitter
@@ -320,7 +338,7 @@ class CostPolicy(Policy[CostCandidate]):
         ranked: list[Breakdown] = []
         for i in order if limit is None else order[:limit]:
             c, n = pool[i], loads[i]
-            queue_s = max(c.per_request_s * n, c.ready_in_s)
+            queue_s = max(c.per_request_s * n, c.ready_in_s) + c.server_wait_s
             behind_s = c.hold_per_request_s * n
             ranked.append(
                 Estimate(

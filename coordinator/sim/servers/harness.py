@@ -46,7 +46,7 @@ def _dumps(payload: object) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-def json_response(status: int, payload: JSONObject) -> Response:
+def json_response(status: int, payload: JSONObject | list[Any]) -> Response:
     """``payload`` as compact JSON."""
     return Response(_dumps(payload).encode(), status, media_type=JSON_TYPE)
 

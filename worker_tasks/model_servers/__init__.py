@@ -1,0 +1,94 @@
+"""The model servers a worker talks to, one backend per API (see ``docs/model-servers.md``).
+
+:func:`backend` resolves a service's configured API, detecting it by probing when it is
+``auto``; :func:`shared_client` is the process's one pooled HTTP client, reused by every
+probe and task (creating one costs tens of milliseconds of CPU: its TLS context).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Final
+
+import httpx
+
+from coordinator.core.errors import ServiceUnreachableError
+from coordinator.core.heartbeat import ServerLoad
+from coordinator.core.settings import Endpoint
+from worker_tasks.model_servers.base import Backend, ServerState
+from worker_tasks.model_servers.ollama import OllamaBackend
+from worker_tasks.model_servers.openai_api import OpenAIBackend
+from worker_tasks.model_servers.tei import TEIBackend
+
+__all__ = ["BACKENDS", "Backend", "ServerLoad", "ServerState", "backend", "shared_client"]
+
+BACKENDS: Final[dict[str, Backend]] = {
+    b.api: b for b in (OllamaBackend(), OpenAIBackend(), TEIBackend())
+}
+DETECTION_ORDER: Final = ("ollama", "tei", "openai")
+"""Ollama first (the default deployment); TEI before OpenAI, since TEI also serves
+OpenAI-style ``/v1/embeddings`` and ``/info`` tells it apart."""
+
+PASSING: Final = ("HTTP 5", "HTTP 429", "timed out")
+"""Probe errors of a server that is still the one detected, only busy or failing for now."""
+
+_detected: dict[str, str] = {}
+_lock = threading.Lock()
+_clients: dict[tuple[int, float], httpx.Client] = {}
+
+
+def backend(client: httpx.Client, endpoint: Endpoint) -> Backend:
+    """The backend for ``endpoint``: its ``api``, or for ``auto`` the first API the server
+    answers to (remembered per URL until :func:`forget`).
+
+    Raises:
+        ServiceUnreachableError: ``auto`` and nothing answered at the URL.
+    """
+    if endpoint.api != "auto":
+        return BACKENDS[endpoint.api]
+    with _lock:
+        known = _detected.get(endpoint.url)
+    if known is not None:
+        return BACKENDS[known]
+    errors = []
+    for api in DETECTION_ORDER:
+        try:
+            if BACKENDS[api].detect(client, endpoint.url):
+                with _lock:
+                    _detected[endpoint.url] = api
+                return BACKENDS[api]
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nobody there at all
+            raise ServiceUnreachableError(endpoint.url, f"{type(exc).__name__}: {exc}") from None
+        except (httpx.HTTPError, ValueError) as exc:
+            errors.append(f"{api}: {type(exc).__name__}: {exc}")
+    reason = "; ".join(errors) or "answers none of Ollama's, TEI's or the OpenAI API"
+    raise ServiceUnreachableError(endpoint.url, reason[:300])
+
+
+def forget(url: str) -> None:
+    """Detect the API at ``url`` again next time (the server may have been replaced)."""
+    with _lock:
+        _detected.pop(url.rstrip("/"), None)
+
+
+def shared_client(timeout_s: float) -> httpx.Client:
+    """This process's pooled client with ``timeout_s``; a forked pool child makes its own."""
+    key = (os.getpid(), timeout_s)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = httpx.Client(timeout=timeout_s)
+        return client
+
+
+def probe(client: httpx.Client, endpoint: Endpoint) -> ServerState:
+    """Probe ``endpoint`` through its backend; never raises."""
+    try:
+        found = backend(client, endpoint)
+    except ServiceUnreachableError as exc:
+        return ServerState(healthy=False, error=exc.reason)
+    state = found.probe(client, endpoint)
+    if not state.healthy and not (state.error or "").startswith(PASSING):
+        forget(endpoint.url)  # gone, or answering another API now: detect it again
+    return state

@@ -1,0 +1,130 @@
+"""Ollama's API: ``/api/tags`` (on disk), ``/api/ps`` (in memory), ``/api/generate``,
+``/api/embed`` (https://github.com/ollama/ollama/blob/main/docs/api.md)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any, ClassVar, NamedTuple
+
+import httpx
+
+from coordinator.core.errors import ServiceError
+from coordinator.core.heartbeat import MAX_MODELS
+from coordinator.core.settings import Endpoint
+from worker_tasks.model_servers.base import Backend, ServerState, down, model_name
+from worker_tasks.model_servers.http import expect_object, request_json, vectors
+
+MAX_BYTES = 2**50
+"""The heartbeat's limit on a model size."""
+
+
+class _Entry(NamedTuple):
+    name: str
+    size: int | None
+    expires: float
+
+
+def _size(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if math.isfinite(value) and 0 < value <= MAX_BYTES else None
+
+
+def _expires(value: object) -> float:
+    """Unix time of an ``expires_at``; unknown ones sort last, as the least likely victims."""
+    if not isinstance(value, str):
+        return math.inf
+    try:
+        stamp = datetime.fromisoformat(value)
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        return math.inf
+
+
+def _entries(payload: object) -> list[_Entry]:
+    """The well-formed entries of an ``/api/tags`` or ``/api/ps`` answer; others skipped."""
+    models = payload.get("models") if isinstance(payload, dict) else None
+    if not isinstance(models, list):
+        return []
+    entries = []
+    for m in models:
+        if not isinstance(m, dict):
+            continue
+        name = model_name(m.get("name")) or model_name(m.get("model"))
+        if name is not None:
+            entries.append(_Entry(name, _size(m.get("size")), _expires(m.get("expires_at"))))
+    return entries
+
+
+class OllamaBackend(Backend):
+    """Ollama: models on disk and in memory, with sizes; the load it reports per answer."""
+
+    api: ClassVar[str] = "ollama"
+
+    def detect(self, client: httpx.Client, url: str) -> bool:
+        answer = client.get(f"{url}/api/version")
+        return answer.status_code == 200 and "version" in answer.json()
+
+    def probe(self, client: httpx.Client, endpoint: Endpoint) -> ServerState:
+        """``in_memory`` is ordered by ``expires_at``, earliest first: Ollama moves a model's
+        expiry to now + keep_alive each time a request on it finishes, so with one keep_alive
+        for every model that is least recently used first. ``sizes`` are ``/api/tags``'s file
+        sizes (what a download or a load moves), else ``/api/ps``'s."""
+        try:
+            tags = request_json(client, "GET", f"{endpoint.url}/api/tags")
+            ps = request_json(client, "GET", f"{endpoint.url}/api/ps")
+            on_disk, loaded = _entries(tags), _entries(ps)
+        except (ServiceError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            return down(exc.reason if isinstance(exc, ServiceError) else exc)
+        in_memory = tuple(dict.fromkeys(e.name for e in sorted(loaded, key=lambda e: e.expires)))
+        sizes = {e.name: e.size for e in (*loaded, *on_disk) if e.size is not None}
+        # A model in memory is on disk too, whatever /api/tags said a moment earlier; listed
+        # first, so that a cap on the count keeps what routing needs most.
+        disk = tuple(dict.fromkeys((*in_memory, *(e.name for e in on_disk))))
+        return ServerState(True, self.api, disk[:MAX_MODELS], in_memory[:MAX_MODELS], sizes=sizes)
+
+    def generate(
+        self,
+        client: httpx.Client,
+        endpoint: Endpoint,
+        *,
+        model: str,
+        prompt: str,
+        images: list[str] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "stream": False}
+        if images:
+            body["images"] = images
+        if options:
+            body["options"] = options
+        url = f"{endpoint.url}/api/generate"
+        answer = expect_object(url, request_json(client, "POST", url, body))
+        if not isinstance(answer.get("response"), str):
+            raise ServiceError(url, f"no 'response' text in {sorted(answer)!r}")
+        return answer
+
+    def embed(
+        self, client: httpx.Client, endpoint: Endpoint, *, model: str, texts: list[str]
+    ) -> dict[str, Any]:
+        url = f"{endpoint.url}/api/embed"
+        answer = expect_object(
+            url, request_json(client, "POST", url, {"model": model, "input": texts})
+        )
+        answer["embeddings"] = vectors(url, answer.get("embeddings"), len(texts))
+        return answer
+
+    def load(
+        self, client: httpx.Client, endpoint: Endpoint, model: str, keep_alive: Any = None
+    ) -> None:
+        """Load ``model`` into memory: a generate request with an empty prompt."""
+        body: dict[str, Any] = {"model": model, "prompt": "", "stream": False}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        request_json(client, "POST", f"{endpoint.url}/api/generate", body)
+
+    def pull(self, client: httpx.Client, endpoint: Endpoint, model: str) -> None:
+        """Download ``model`` (``POST /api/pull``, waiting for the end)."""
+        url = f"{endpoint.url}/api/pull"
+        request_json(client, "POST", url, {"model": model, "stream": False})
