@@ -56,15 +56,9 @@ class JobContext:
     settings: WorkerSettings
     heartbeat: HeartbeatSender | None
 
-    @property
-    def http(self) -> httpx.Client:
-        """The process's pooled client, with the model-call timeout."""
-        return model_servers.shared_client(self.settings.model_timeout_s)
-
-    def server(self, service: str) -> tuple[Endpoint, Backend]:
-        """``service``'s endpoint and the backend for its API."""
-        endpoint = self.settings.endpoint(service)
-        return endpoint, model_servers.backend(self.http, endpoint)
+    def server(self, service: str) -> tuple[httpx.Client, Endpoint, Backend]:
+        """The pooled client, ``service``'s endpoint and the backend for its API."""
+        return model_servers.connect(self.settings, service)
 
 
 Handler = Callable[[JobContext, Any], dict[str, Any]]
@@ -80,16 +74,16 @@ def warm_model(ctx: JobContext, data: WarmModelData) -> dict[str, Any]:
     a fixed set of models (OpenAI-compatible, TEI) answers whether it serves this one."""
     model = normalize_model(data.model)
     for service in ("vllm", "embeddings", "ocr"):
-        endpoint, server = ctx.server(service)
-        state = server.probe(ctx.http, endpoint)
+        client, endpoint, server = ctx.server(service)
+        state = server.probe(client, endpoint)
         if not isinstance(server, OllamaBackend):
             if model in state.in_memory:
                 return {"model": model, "pulled": False, "loaded": True}
             continue
         pulled = model not in state.on_disk
         if pulled:
-            server.pull(ctx.http, endpoint, model)
-        server.load(ctx.http, endpoint, model, data.keep_alive)
+            server.pull(client, endpoint, model)
+        server.load(client, endpoint, model, data.keep_alive)
         if ctx.heartbeat is not None:
             ctx.heartbeat.refresh_probes()
             ctx.heartbeat.beat()  # routing should find the model loaded from now on
@@ -162,8 +156,8 @@ def _embed_batch(
     """Embed a batch of documents' chunks; on failure, document by document."""
     texts = [chunk.text for _, chunks in batch for chunk in chunks]
     try:
-        endpoint, server = ctx.server("embeddings")
-        vectors = server.embed(ctx.http, endpoint, model=model, texts=texts)["embeddings"]
+        client, endpoint, server = ctx.server("embeddings")
+        vectors = server.embed(client, endpoint, model=model, texts=texts)["embeddings"]
     except CoordinatorError:
         if len(batch) == 1:
             doc, _ = batch[0]

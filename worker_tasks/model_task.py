@@ -129,9 +129,7 @@ class ModelTask(Task[Any, Any]):
         Raises:
             ServiceUnreachableError: the API is to be detected and nothing answered.
         """
-        client = model_servers.shared_client(settings.model_timeout_s)
-        endpoint = settings.endpoint(service)
-        return client, endpoint, model_servers.backend(client, endpoint)
+        return model_servers.connect(settings, service)
 
     def record(self, model: str, answer: Mapping[str, Any], started: float) -> None:
         """Add a model call that began at ``started`` (``time.monotonic()``) to this worker's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import httpx
@@ -32,8 +32,6 @@ class ProbeResult:
     model_bytes: dict[str, int] = field(default_factory=dict)
     server_load: dict[str, ServerLoad] = field(default_factory=dict)
     """Per service, the load its server publishes (other clients' requests included)."""
-    apis: dict[str, str] = field(default_factory=dict)
-    """Per service that answered, the API its server speaks."""
 
 
 def probe_chromadb(client: httpx.Client, url: str) -> ServerState:
@@ -75,18 +73,13 @@ def _merge(found: list[tuple[Endpoint, ServerState]]) -> ProbeResult:
             where = f"{endpoint.setting} {redact_url(endpoint.url)}"
             result.errors[service] = f"{where}: {state.error}"
             continue
-        result.apis[service] = state.api
         on_disk += state.on_disk
         in_memory += state.in_memory
         result.model_bytes.update(state.sizes)
         if state.load is not None:
             result.server_load[service] = state.load
-    return ProbeResult(
-        result.services_status,
-        result.errors,
-        tuple(dict.fromkeys((*in_memory, *on_disk)))[:MAX_MODELS],
-        tuple(dict.fromkeys(in_memory))[:MAX_MODELS],
-        result.model_bytes,
-        result.server_load,
-        result.apis,
+    return replace(
+        result,
+        models_on_disk=tuple(dict.fromkeys((*in_memory, *on_disk)))[:MAX_MODELS],
+        models_in_memory=tuple(dict.fromkeys(in_memory))[:MAX_MODELS],
     )

@@ -71,10 +71,11 @@ class CostCandidate:
     hold_per_request_s: float
     run_s: float
     fixed_s: float
-    server_wait_s: float = 0.0
+    server_wait_s: float
     """Waiting behind what the model server queues for other clients (its ``/metrics``)."""
-    preference_s: float = 0.0
-    """Subtracted when ranking, never shown: a worker specialised in the service wins ties."""
+    sort_s: float
+    """What ``rank`` adds to the queue to sort: ``fixed_s`` and ``server_wait_s``, less a
+    tie-break no breakdown shows that lets a worker specialised in the service win ties."""
 
 
 GB: Final = 1_000_000_000
@@ -89,6 +90,7 @@ class _FleetView:
     """What one ``prepare`` knows about the fleet beyond a single worker."""
 
     heartbeats: Sequence[Heartbeat]
+    service: str
     copies: Mapping[str, int]
     """Workers holding each model in memory."""
     demand: Mapping[str, float] | None
@@ -209,6 +211,7 @@ class CostPolicy(Policy[CostCandidate]):
         means = [hb.mean_service_s / slowdown(hb) for hb in fleet if hb.mean_service_s is not None]
         view = _FleetView(
             fleet,
+            service,
             copies,
             demand,
             busy_until,
@@ -225,7 +228,7 @@ class CostPolicy(Policy[CostCandidate]):
             weight = 1.0
         fleet_run_s = view.run_s(model) if model is not None else None
         return [
-            self._candidate(hb, view, model, fleet_run_s, loading, weight, now, service)
+            self._candidate(hb, view, model, fleet_run_s, loading, weight, now)
             for hb in fleet
             if is_eligible(hb, service)
         ]
@@ -239,7 +242,6 @@ class CostPolicy(Policy[CostCandidate]):
         loading: Mapping[str, float],
         weight: float,
         now: float,
-        service: str,
     ) -> CostCandidate:
         times, slower = hb.service_s, slowdown(hb)
         mean_s = hb.mean_service_s
@@ -268,6 +270,9 @@ class CostPolicy(Policy[CostCandidate]):
             if victim is not None and victim != model:
                 evict_s = self._eviction_s(victim, view, load_bps)
         hold_per_request_s += self.queue_weight * run_s
+        fixed_s = download_s + load_s + evict_s + hold_s + run_s
+        server_wait_s = self._server_wait_s(hb, view.service, mean_s)
+        preference_s = 2 * self.tie_s if hb.specialization == view.service else 0.0
         return CostCandidate(
             heartbeat=hb,
             worker_id=hb.worker_id,
@@ -282,9 +287,9 @@ class CostPolicy(Policy[CostCandidate]):
             hold_s=hold_s,
             hold_per_request_s=hold_per_request_s,
             run_s=run_s,
-            fixed_s=download_s + load_s + evict_s + hold_s + run_s,
-            server_wait_s=self._server_wait_s(hb, service, mean_s),
-            preference_s=2 * self.tie_s if hb.specialization == service else 0.0,
+            fixed_s=fixed_s,
+            server_wait_s=server_wait_s,
+            sort_s=fixed_s + server_wait_s - preference_s,
         )
 
     def _server_wait_s(self, hb: Heartbeat, service: str, per_request_s: float) -> float:
@@ -327,11 +332,9 @@ class CostPolicy(Policy[CostCandidate]):
         ]
         keys = [
             (w if (w := c.per_request_s * n) > c.ready_in_s else c.ready_in_s)
-            + c.server_wait_s
-            + c.fixed_s
+            + c.sort_s
             + c.hold_per_request_s * n
             + rand() * jitter
-            - c.preference_s
             for c, n in zip(pool, loads, strict=True)
         ]
         order = sorted(range(len(pool)), key=keys.__getitem__)

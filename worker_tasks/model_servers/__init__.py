@@ -15,13 +15,21 @@ import httpx
 
 from coordinator.core.errors import ServiceUnreachableError
 from coordinator.core.heartbeat import ServerLoad
-from coordinator.core.settings import Endpoint
+from coordinator.core.settings import Endpoint, WorkerSettings
 from worker_tasks.model_servers.base import Backend, ServerState
 from worker_tasks.model_servers.ollama import OllamaBackend
 from worker_tasks.model_servers.openai_api import OpenAIBackend
 from worker_tasks.model_servers.tei import TEIBackend
 
-__all__ = ["BACKENDS", "Backend", "ServerLoad", "ServerState", "backend", "shared_client"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "ServerLoad",
+    "ServerState",
+    "backend",
+    "connect",
+    "shared_client",
+]
 
 BACKENDS: Final[dict[str, Backend]] = {
     b.api: b for b in (OllamaBackend(), OpenAIBackend(), TEIBackend())
@@ -29,9 +37,6 @@ BACKENDS: Final[dict[str, Backend]] = {
 DETECTION_ORDER: Final = ("ollama", "tei", "openai")
 """Ollama first (the default deployment); TEI before OpenAI, since TEI also serves
 OpenAI-style ``/v1/embeddings`` and ``/info`` tells it apart."""
-
-PASSING: Final = ("HTTP 5", "HTTP 429", "timed out")
-"""Probe errors of a server that is still the one detected, only busy or failing for now."""
 
 _detected: dict[str, str] = {}
 _lock = threading.Lock()
@@ -66,6 +71,14 @@ def backend(client: httpx.Client, endpoint: Endpoint) -> Backend:
     raise ServiceUnreachableError(endpoint.url, reason[:300])
 
 
+def connect(settings: WorkerSettings, service: str) -> tuple[httpx.Client, Endpoint, Backend]:
+    """The process's pooled client (model-call timeout), ``service``'s endpoint, and the
+    backend for its API (errors as for :func:`backend`)."""
+    client = shared_client(settings.model_timeout_s)
+    endpoint = settings.endpoint(service)
+    return client, endpoint, backend(client, endpoint)
+
+
 def forget(url: str) -> None:
     """Detect the API at ``url`` again next time (the server may have been replaced)."""
     with _lock:
@@ -89,6 +102,6 @@ def probe(client: httpx.Client, endpoint: Endpoint) -> ServerState:
     except ServiceUnreachableError as exc:
         return ServerState(healthy=False, error=exc.reason)
     state = found.probe(client, endpoint)
-    if not state.healthy and not (state.error or "").startswith(PASSING):
+    if not state.healthy and not state.transient:
         forget(endpoint.url)  # gone, or answering another API now: detect it again
     return state

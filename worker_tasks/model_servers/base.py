@@ -9,7 +9,11 @@ from typing import Any, ClassVar
 import httpx
 
 from coordinator.core.catalog import normalize_model
-from coordinator.core.errors import ServiceError
+from coordinator.core.errors import (
+    ServiceError,
+    ServiceUnavailableError,
+    ServiceUnreachableError,
+)
 from coordinator.core.heartbeat import MAX_MODELS, ServerLoad
 from coordinator.core.settings import Endpoint
 
@@ -29,10 +33,17 @@ class ServerState:
     sizes: dict[str, int] = field(default_factory=dict)
     load: ServerLoad | None = None
     error: str | None = None
+    transient: bool = False
+    """Down for now (an HTTP 5xx or 429, a read timeout): still the server detected."""
 
 
 def down(error: BaseException | str) -> ServerState:
     """A server that did not answer as its API should."""
+    if isinstance(error, ServiceError):
+        transient = isinstance(error, ServiceUnavailableError) and not isinstance(
+            error, ServiceUnreachableError
+        )
+        return ServerState(healthy=False, error=error.reason, transient=transient)
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return ServerState(healthy=False, error=text)
 

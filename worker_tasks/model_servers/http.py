@@ -94,8 +94,16 @@ def _detail(response: httpx.Response) -> str:
     return response.text
 
 
-def expect_object(url: str, payload: Any) -> dict[str, Any]:
-    """``payload`` if it is a JSON object, else a :class:`ServiceError` naming what it was."""
+def request_object(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    body: object = None,
+    *,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """:func:`request_json` for an answer that must be a JSON object (errors likewise)."""
+    payload = request_json(client, method, url, body, api_key=api_key)
     if not isinstance(payload, dict):
         raise ServiceError(url, f"expected a JSON object, got {type(payload).__name__}")
     return payload

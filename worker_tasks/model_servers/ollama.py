@@ -13,7 +13,7 @@ from coordinator.core.errors import ServiceError
 from coordinator.core.heartbeat import MAX_MODELS
 from coordinator.core.settings import Endpoint
 from worker_tasks.model_servers.base import Backend, ServerState, down, model_name
-from worker_tasks.model_servers.http import expect_object, request_json, vectors
+from worker_tasks.model_servers.http import request_json, request_object, vectors
 
 MAX_BYTES = 2**50
 """The heartbeat's limit on a model size."""
@@ -76,7 +76,7 @@ class OllamaBackend(Backend):
             ps = request_json(client, "GET", f"{endpoint.url}/api/ps")
             on_disk, loaded = _entries(tags), _entries(ps)
         except (ServiceError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-            return down(exc.reason if isinstance(exc, ServiceError) else exc)
+            return down(exc)
         in_memory = tuple(dict.fromkeys(e.name for e in sorted(loaded, key=lambda e: e.expires)))
         sizes = {e.name: e.size for e in (*loaded, *on_disk) if e.size is not None}
         # A model in memory is on disk too, whatever /api/tags said a moment earlier; listed
@@ -100,7 +100,7 @@ class OllamaBackend(Backend):
         if options:
             body["options"] = options
         url = f"{endpoint.url}/api/generate"
-        answer = expect_object(url, request_json(client, "POST", url, body))
+        answer = request_object(client, "POST", url, body)
         if not isinstance(answer.get("response"), str):
             raise ServiceError(url, f"no 'response' text in {sorted(answer)!r}")
         return answer
@@ -109,9 +109,7 @@ class OllamaBackend(Backend):
         self, client: httpx.Client, endpoint: Endpoint, *, model: str, texts: list[str]
     ) -> dict[str, Any]:
         url = f"{endpoint.url}/api/embed"
-        answer = expect_object(
-            url, request_json(client, "POST", url, {"model": model, "input": texts})
-        )
+        answer = request_object(client, "POST", url, {"model": model, "input": texts})
         answer["embeddings"] = vectors(url, answer.get("embeddings"), len(texts))
         return answer
 

@@ -15,7 +15,7 @@ import httpx
 from coordinator.core.errors import ServiceError
 from coordinator.core.settings import Endpoint
 from worker_tasks.model_servers.base import Backend, ServerState, down, names
-from worker_tasks.model_servers.http import expect_object, request_json, vectors
+from worker_tasks.model_servers.http import request_object, vectors
 from worker_tasks.model_servers.server_metrics import fetch_load
 
 OPTIONS: Final = {
@@ -48,12 +48,11 @@ class OpenAIBackend(Backend):
 
     def probe(self, client: httpx.Client, endpoint: Endpoint) -> ServerState:
         try:
-            listed = expect_object(
-                endpoint.url,
-                request_json(client, "GET", f"{endpoint.url}/v1/models", api_key=endpoint.api_key),
+            listed = request_object(
+                client, "GET", f"{endpoint.url}/v1/models", api_key=endpoint.api_key
             )
         except ServiceError as exc:
-            return down(exc.reason)
+            return down(exc)
         data = listed.get("data")
         models = names(
             [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
@@ -78,9 +77,7 @@ class OpenAIBackend(Backend):
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
         body.update({OPTIONS[k]: v for k, v in (options or {}).items() if k in OPTIONS})
         url = f"{endpoint.url}/v1/chat/completions"
-        answer = expect_object(
-            url, request_json(client, "POST", url, body, api_key=endpoint.api_key)
-        )
+        answer = request_object(client, "POST", url, body, api_key=endpoint.api_key)
         try:
             text = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -102,9 +99,7 @@ class OpenAIBackend(Backend):
     ) -> dict[str, Any]:
         url = f"{endpoint.url}/v1/embeddings"
         body = {"model": model, "input": texts}
-        answer = expect_object(
-            url, request_json(client, "POST", url, body, api_key=endpoint.api_key)
-        )
+        answer = request_object(client, "POST", url, body, api_key=endpoint.api_key)
         data = answer.get("data")
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise ServiceError(url, "no 'data' list of embeddings")

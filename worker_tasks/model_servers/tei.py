@@ -15,7 +15,7 @@ from coordinator.core.catalog import normalize_model
 from coordinator.core.errors import ModelNotFoundError, ServiceError
 from coordinator.core.settings import Endpoint
 from worker_tasks.model_servers.base import Backend, ServerState, down, names
-from worker_tasks.model_servers.http import expect_object, request_json, vectors
+from worker_tasks.model_servers.http import request_json, request_object, vectors
 from worker_tasks.model_servers.server_metrics import fetch_load
 
 
@@ -36,7 +36,7 @@ class TEIBackend(Backend):
     def served_model(self, client: httpx.Client, endpoint: Endpoint) -> str:
         """The ``model_id`` in ``/info``."""
         url = f"{endpoint.url}/info"
-        info = expect_object(url, request_json(client, "GET", url, api_key=endpoint.api_key))
+        info = request_object(client, "GET", url, api_key=endpoint.api_key)
         model = names([info.get("model_id")])
         if not model:
             raise ServiceError(url, "no model_id in /info")
@@ -47,7 +47,7 @@ class TEIBackend(Backend):
         try:
             model = self.served_model(client, endpoint)
         except ServiceError as exc:
-            return down(exc.reason)
+            return down(exc)
         load = fetch_load(client, endpoint.url, endpoint.api_key)
         return ServerState(True, self.api, (model,), (model,), load=load)
 
