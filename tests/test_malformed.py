@@ -581,10 +581,7 @@ def test_parse_heartbeat_shaped_objects(
 # -- 3. the API ----------------------------------------------------------------------------
 
 JSON_HEADERS: Final = {"content-type": "application/json"}
-NO_WORKER_FOR_CAPABILITY: Final = tuple(
-    f"no live GPU or CPU worker offers {capability!r}"
-    for capability in ("vllm", "embeddings", "ocr", "chromadb")
-)
+NO_WORKER: Final = "no live GPU or CPU worker"
 JSON_TYPES: Final = ("application/json", "application/json; charset=utf-8", "application/x+json")
 OTHER_TYPES: Final = ("text/plain", "application/octet-stream", None)
 
@@ -664,7 +661,8 @@ def test_broadcast_with_arbitrary_json_bodies_is_422(client: TestClient, body: A
     assert response.status_code == 422, response.text
     event(f"422: {'no live worker' if no_worker_expected(body) else type(detail).__name__}")
     if no_worker_expected(body):
-        assert detail in ("no live GPU or CPU worker", *NO_WORKER_FOR_CAPABILITY), detail
+        # Any capability the body names: an arbitrary one is valid, and offered by nobody.
+        assert detail == NO_WORKER or detail.startswith(f"{NO_WORKER} offers "), detail
     elif isinstance(detail, str):  # the body was a valid request: the job type or data not
         assert detail.startswith(("unknown job type ", "invalid job_data for ")), detail
     else:
