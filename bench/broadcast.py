@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from celery import Celery
+
 from coordinator.broadcast.client import BroadcastResult, broadcast_async
 from coordinator.broadcast.rag import chroma_client
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.sim.servers.ollama import SimulatedModelServer
 from worker_tasks.chroma_server import ChromaServer
 
@@ -75,14 +77,14 @@ def documents(count: int, seed: int = 7) -> list[dict[str, Any]]:
 class Fleet:
     """Worker subprocesses of the bench, each with its own fake embedder."""
 
-    def __init__(self, app: FleetApp, chroma_url: str, servers: list[SimulatedModelServer]) -> None:
+    def __init__(self, app: Celery, chroma_url: str, servers: list[SimulatedModelServer]) -> None:
         self.app, self.chroma_url, self.servers = app, chroma_url, servers
         self.logdir = Path(tempfile.mkdtemp(prefix="bench-broadcast-logs-"))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, count: int) -> list[str]:
         """Start ``count`` workers and wait until each heartbeats with ``embeddings``."""
-        settings = self.app.settings
+        settings = fleet_of(self.app).settings
         for index in range(count):
             worker_id = f"bench-w{index + 1}"
             url = self.servers[index].url
@@ -117,7 +119,7 @@ class Fleet:
                     raise RuntimeError(f"{worker_id} exited early:\n{self.log_tail(worker_id)}")
             live = {
                 hb.worker_id
-                for hb in self.app.registry.live_workers()
+                for hb in fleet_of(self.app).registry.live_workers()
                 if "embeddings" in hb.capabilities
             }
             if live == ids:
@@ -141,11 +143,11 @@ class Fleet:
                 proc.kill()
                 proc.wait(timeout=10)
         self.procs.clear()
-        for hb in self.app.registry.live_workers():  # a crashed worker would linger
-            self.app.registry.remove(hb.worker_id)
+        for hb in fleet_of(self.app).registry.live_workers():  # a crashed worker would linger
+            fleet_of(self.app).registry.remove(hb.worker_id)
 
 
-def timed(app: FleetApp, job: str, data: dict[str, Any]) -> tuple[BroadcastResult, float]:
+def timed(app: Celery, job: str, data: dict[str, Any]) -> tuple[BroadcastResult, float]:
     """``broadcast()`` (which is ``broadcast_async().wait()``) and its seconds, call to answer.
 
     Afterwards the header's result channels are unsubscribed: the chord's GroupResult has each
@@ -165,12 +167,12 @@ def timed(app: FleetApp, job: str, data: dict[str, Any]) -> tuple[BroadcastResul
     return result, elapsed
 
 
-def ingest(app: FleetApp, docs: list[dict[str, Any]], collection: str) -> tuple[float, list[int]]:
+def ingest(app: Celery, docs: list[dict[str, Any]], collection: str) -> tuple[float, list[int]]:
     """Ingest into a fresh collection; returns the seconds taken and each worker's documents."""
     job = {"documents": docs, "collection": collection, "chunk_size": 512, "chunk_overlap": 64}
     result, elapsed = timed(app, "rag_ingestion", job)
     check(result, len(docs))
-    stored = chroma_client(app.settings.chromadb_url).get_collection(collection).count()
+    stored = chroma_client(fleet_of(app).settings.chromadb_url).get_collection(collection).count()
     if stored != result.aggregated["chunks"]:
         raise RuntimeError(f"{collection}: {stored} chunks stored, {result.aggregated} reported")
     shares = [int((o.result or {}).get("documents", 0)) for o in result.workers]
@@ -211,7 +213,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def measure_ingestion(
-    app: FleetApp,
+    app: Celery,
     docs: list[dict[str, Any]],
     namespace: str,
     workers: int,
@@ -226,7 +228,7 @@ def measure_ingestion(
         print(f"{workers} worker(s), round {round_ + 1}: {out.rates[workers][-1]:.0f} docs/s")
 
 
-def measure_pings(app: FleetApp, pings: int, ids: list[str], out: Results) -> None:
+def measure_pings(app: Celery, pings: int, ids: list[str], out: Results) -> None:
     """One untimed warm-up ping, then ``pings`` timed ones that must reach every worker."""
     check(timed(app, "ping", {})[0], None)  # warm-up
     for _ in range(pings):
@@ -238,14 +240,14 @@ def measure_pings(app: FleetApp, pings: int, ids: list[str], out: Results) -> No
 
 
 def measure(
-    app: FleetApp,
+    app: Celery,
     fleet: Fleet,
     docs: list[dict[str, Any]],
     counts: list[int],
     args: argparse.Namespace,
 ) -> Results:
     """Each worker count in turn, on a fleet of exactly that many workers."""
-    namespace = app.settings.namespace
+    namespace = fleet_of(app).settings.namespace
     out = Results(rates={n: [] for n in counts})
     for n in counts:
         ids = fleet.start(n)
@@ -259,7 +261,7 @@ def measure(
 
 
 def shut_down(
-    app: FleetApp, fleet: Fleet, servers: list[SimulatedModelServer], chroma: ChromaServer
+    app: Celery, fleet: Fleet, servers: list[SimulatedModelServer], chroma: ChromaServer
 ) -> int:
     """Stop everything, delete the namespace's keys and the temporary directories; returns
     how many keys were deleted."""
@@ -267,13 +269,13 @@ def shut_down(
     for server in servers:
         server.stop()
     chroma.stop()
-    client = app.registry.client
+    client = fleet_of(app).registry.client
     deleted = 0
     # Best effort: cleaning up must not hide why the bench stopped.
     with contextlib.suppress(Exception):
-        pattern = f"*{app.settings.namespace}*"
+        pattern = f"*{fleet_of(app).settings.namespace}*"
         deleted = sum(client.unlink(k) for k in client.scan_iter(match=pattern))
-    app.close()
+    fleet_of(app).close()
     shutil.rmtree(chroma.path, ignore_errors=True)
     shutil.rmtree(fleet.logdir, ignore_errors=True)
     return deleted

@@ -34,8 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from celery import Celery
+
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
 from worker_tasks.tasks import generate
@@ -60,7 +62,7 @@ class Run:
 
 
 def start_workers(
-    app: FleetApp, servers: list[SimulatedModelServer], logdir: Path
+    app: Celery, servers: list[SimulatedModelServer], logdir: Path
 ) -> dict[str, subprocess.Popen[bytes]]:
     """Start one worker per server; return once all heartbeat offering ``vllm``."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -69,8 +71,8 @@ def start_workers(
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "REDIS_URL": app.settings.redis_url,
-            "NAMESPACE": app.settings.namespace,
+            "REDIS_URL": fleet_of(app).settings.redis_url,
+            "NAMESPACE": fleet_of(app).settings.namespace,
             "WORKER_ID": worker_id,
             "WORKER_TIER": "cpu",
             "OLLAMA_URL": server.url,
@@ -90,7 +92,11 @@ def start_workers(
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs.values()):
             raise RuntimeError(f"a worker exited early; logs in {logdir}")
-        live = {hb.worker_id for hb in app.registry.live_workers() if "vllm" in hb.capabilities}
+        live = {
+            hb.worker_id
+            for hb in fleet_of(app).registry.live_workers()
+            if "vllm" in hb.capabilities
+        }
         if live == set(procs):
             return procs
         time.sleep(0.1)
@@ -98,7 +104,7 @@ def start_workers(
 
 
 def run(
-    app: FleetApp,
+    app: Celery,
     servers: list[SimulatedModelServer],
     procs: dict[str, subprocess.Popen[bytes]],
     tasks: int,
@@ -106,12 +112,12 @@ def run(
     timeout_s: float,
 ) -> Run:
     """Send ``tasks`` tasks, optionally SIGKILL a worker after ``kill_at`` results."""
-    client, ns, out = app.registry.client, app.settings.namespace, Run()
+    client, ns, out = fleet_of(app).registry.client, fleet_of(app).settings.namespace, Run()
     served = dict(zip(procs, servers, strict=True))  # worker id -> its model server
     before = {w: s.request_count("POST", "/api/generate") for w, s in served.items()}
     started = time.time()
     ids = {generate.delay(f"task {n}").id: n for n in range(tasks)}
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
     pending, done_at, killed_at = dict(ids), [], None
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
@@ -128,14 +134,16 @@ def run(
             done_at.append((stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp())
         if kill_at is not None and killed_at is None and tasks - len(pending) >= kill_at:
             alive = [w for w, p in procs.items() if p.poll() is None]
-            out.victim = max(alive, key=lambda w: client.llen(app.settings.keys.worker_queue(w)))
+            out.victim = max(
+                alive, key=lambda w: client.llen(fleet_of(app).settings.keys.worker_queue(w))
+            )
             killed_at = time.time()
             os.kill(procs[out.victim].pid, signal.SIGKILL)
             procs[out.victim].wait(timeout=10)
-            queue = app.settings.keys.worker_queue(out.victim)
+            queue = fleet_of(app).settings.keys.worker_queue(out.victim)
             unacked = [
                 e
-                for _, e in client.hscan_iter(app.settings.keys.unacked)
+                for _, e in client.hscan_iter(fleet_of(app).settings.keys.unacked)
                 if json.loads(e)[2] == queue
             ]
             out.held_at_kill = (client.llen(queue), len(unacked))
@@ -159,7 +167,7 @@ def run(
 class Harness:
     """Everything the bench starts, kept together so shutdown can stop whatever got started."""
 
-    app: FleetApp
+    app: Celery
     servers: list[SimulatedModelServer]
     logdir: Path
     stop: threading.Event
@@ -196,7 +204,7 @@ def build_harness(redis_url: str, namespace: str) -> Harness:
     logdir = Path(tempfile.mkdtemp(prefix="bench-failover-logs-"))
     stop = threading.Event()
     reaper = threading.Thread(
-        target=Reaper(app, settings.grace_s).run, args=(INTERVAL_S, stop), name="reaper"
+        target=Reaper(fleet_of(app), settings.grace_s).run, args=(INTERVAL_S, stop), name="reaper"
     )
     return Harness(app, servers, logdir, stop, reaper)
 
@@ -233,12 +241,12 @@ def shut_down(h: Harness, namespace: str, keep_logs: bool) -> int:
     stop_workers(h.procs)
     for server in h.servers:
         server.stop()
-    client, deleted = h.app.registry.client, 0
+    client, deleted = fleet_of(h.app).registry.client, 0
     try:
         for key in client.scan_iter(match=f"*{namespace}*", count=1000):
             deleted += client.unlink(key)
     finally:
-        h.app.close()
+        fleet_of(h.app).close()
         if not keep_logs:
             shutil.rmtree(h.logdir, ignore_errors=True)
     return deleted

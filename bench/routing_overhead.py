@@ -23,11 +23,13 @@ import time
 import uuid
 from typing import Any, Final
 
+from celery import Celery
+
 import worker_tasks.tasks  # noqa: F401  (registers the model tasks with every app)
-from coordinator.core.catalog import EMBED, GENERATE, OCR
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.core.task_spec import EMBED, GENERATE, OCR
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.routing import DEFAULT_POLICY, POLICIES
 
 RATIO_TARGET: Final = 0.85
@@ -61,25 +63,25 @@ def heartbeat(index: int) -> Heartbeat:
     )
 
 
-def set_fleet(app: FleetApp, size: int) -> None:
+def set_fleet(app: Celery, size: int) -> None:
     """Exactly ``size`` live workers, no in-flight counts or leases, and a router that sees
     them now."""
-    registry = app.registry
+    registry = fleet_of(app).registry
     for hb in registry.live_workers():
         registry.remove(hb.worker_id)
     for index in range(size):
         registry.publish(heartbeat(index))
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
     # A fresh fleet each time: no counts, and no model loads under way (the cost policy's
     # leases), so every configuration starts from the same cold state.
     claims = [registry.keys.claims(str(hb.worker_id)) for hb in registry.live_workers()]
     registry.client.delete(registry.keys.leases, *claims)
-    app.router.refresh_s = 0.0
-    app.router.route(GENERATE, "vllm", "llama3.2")  # takes a fresh snapshot
-    app.router.refresh_s = 1.0
+    fleet_of(app).router.refresh_s = 0.0
+    fleet_of(app).router.route(GENERATE, "vllm", "llama3.2")  # takes a fresh snapshot
+    fleet_of(app).router.refresh_s = 1.0
 
 
-def publish(app: FleetApp, tasks: int, queue: str | None) -> float:
+def publish(app: Celery, tasks: int, queue: str | None) -> float:
     """Publish ``tasks`` tasks; returns tasks per second."""
     options: dict[str, Any] = {"ignore_result": True}
     if queue is not None:
@@ -89,13 +91,13 @@ def publish(app: FleetApp, tasks: int, queue: str | None) -> float:
         started = time.perf_counter()
         for name, args, model in jobs:
             app.tasks[name].apply_async(args, {"model": model}, producer=producer, **options)
-        app.router.claims.flush()
+        fleet_of(app).router.claims.flush()
         return tasks / (time.perf_counter() - started)
 
 
-def decision_cost_us(app: FleetApp, decisions: int) -> tuple[float, float]:
+def decision_cost_us(app: Celery, decisions: int) -> tuple[float, float]:
     """Wall and CPU microseconds per ``FleetRouter.route`` call, batched writes included."""
-    router = app.router
+    router = fleet_of(app).router
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(decisions):
         name, _, model = WORKLOAD[i % len(WORKLOAD)]
@@ -107,14 +109,14 @@ def decision_cost_us(app: FleetApp, decisions: int) -> tuple[float, float]:
     )
 
 
-def clear(app: FleetApp, namespace: str) -> None:
+def clear(app: Celery, namespace: str) -> None:
     """Drop published messages and counts between loops, so Redis memory stays flat."""
-    client = app.registry.client
+    client = fleet_of(app).registry.client
     for key in client.scan_iter(match=f"{namespace}.*", count=1000):
         client.unlink(key)
-    for key in client.scan_iter(match=app.registry.keys.claims_prefix + "*", count=1000):
+    for key in client.scan_iter(match=fleet_of(app).registry.keys.claims_prefix + "*", count=1000):
         client.unlink(key)
-    client.delete(app.registry.keys.decisions)
+    client.delete(fleet_of(app).registry.keys.decisions)
 
 
 Rates = dict[int, list[float]]
@@ -135,9 +137,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def measure(app: FleetApp, sizes: list[int], tasks: int, rounds: int) -> tuple[Rates, Costs]:
+def measure(app: Celery, sizes: list[int], tasks: int, rounds: int) -> tuple[Rates, Costs]:
     """Warm up, then ``rounds`` rounds over plain Celery and each fleet size."""
-    namespace = app.settings.namespace
+    namespace = fleet_of(app).settings.namespace
     fixed = f"{namespace}.fixed"
     rates: Rates = {size: [] for size in [0, *sizes]}
     costs: Costs = {size: [] for size in sizes}
@@ -203,9 +205,9 @@ def main() -> None:
     try:
         rates, costs = measure(app, sizes, args.tasks, args.rounds)
     finally:
-        client = app.registry.client
+        client = fleet_of(app).registry.client
         deleted = sum(client.unlink(k) for k in client.scan_iter(match=f"*{namespace}*"))
-        app.close()
+        fleet_of(app).close()
 
     print(f"\n{args.tasks} tasks x {args.rounds} rounds, policy {args.policy}, {args.redis_url}")
     plain = print_medians(sizes, rates, costs)

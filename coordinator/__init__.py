@@ -1,7 +1,7 @@
 """Model-aware routing of AI tasks over Celery: the coordinator's public API.
 
 The package is in layers, each importing only those below it (docs/architecture.md):
-``core`` (errors, keys, heartbeat, settings, task catalog), ``routing`` (the pure policies),
+``core`` (errors, keys, heartbeat, settings, task specs), ``routing`` (the pure policies),
 ``fleet`` (the fleet's state in Redis), ``dispatch`` (the Celery app and router),
 ``broadcast``, ``recovery`` (the reaper), ``ops`` (admin API, metrics), ``sim`` (simulator,
 demo, simulated model servers) and ``cli``.
@@ -16,7 +16,6 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from coordinator.core.catalog import detect_required_model
     from coordinator.core.errors import (
         ConfigError,
         CoordinatorError,
@@ -27,7 +26,8 @@ if TYPE_CHECKING:
     from coordinator.core.heartbeat import Heartbeat, parse_heartbeat
     from coordinator.core.score_weights import Weights
     from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_settings
-    from coordinator.dispatch.app import FleetApp, create_app
+    from coordinator.core.task_spec import TaskSpec
+    from coordinator.dispatch.app import Fleet, create_app, fleet_of, install
     from coordinator.dispatch.router import FleetRouter
     from coordinator.fleet.registry import Registry
     from coordinator.routing.seed import (
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
-    "detect_required_model": "coordinator.core.catalog",
     "ConfigError": "coordinator.core.errors",
     "CoordinatorError": "coordinator.core.errors",
     "HeartbeatError": "coordinator.core.errors",
@@ -50,8 +49,11 @@ _EXPORTS = {
     "CoordinatorSettings": "coordinator.core.settings",
     "WorkerSettings": "coordinator.core.settings",
     "load_settings": "coordinator.core.settings",
-    "FleetApp": "coordinator.dispatch.app",
+    "TaskSpec": "coordinator.core.task_spec",
+    "Fleet": "coordinator.dispatch.app",
     "create_app": "coordinator.dispatch.app",
+    "fleet_of": "coordinator.dispatch.app",
+    "install": "coordinator.dispatch.app",
     "FleetRouter": "coordinator.dispatch.router",
     "Registry": "coordinator.fleet.registry",
     "ScoreBreakdown": "coordinator.routing.seed",
@@ -64,7 +66,7 @@ __all__ = [
     "ConfigError",
     "CoordinatorError",
     "CoordinatorSettings",
-    "FleetApp",
+    "Fleet",
     "FleetRouter",
     "Heartbeat",
     "HeartbeatError",
@@ -72,10 +74,12 @@ __all__ = [
     "Registry",
     "ScoreBreakdown",
     "ServiceError",
+    "TaskSpec",
     "Weights",
     "WorkerSettings",
     "create_app",
-    "detect_required_model",
+    "fleet_of",
+    "install",
     "load_settings",
     "parse_heartbeat",
     "rank_workers",

@@ -16,18 +16,26 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from celery import Celery, Task
 from fastapi.testclient import TestClient
 
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.core.task_spec import EMBED, GENERATE, OCR, TaskSpec
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import Registry, redis_client
 from coordinator.ops.api import create_api
 from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
+from worker_tasks import tasks as builtin_tasks
+
+# The built-in tasks are in every app of the test process, as in an application that sends
+# them with ``generate.delay``: the router reads their specs from the tasks themselves.
+assert builtin_tasks.generate is not None
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
@@ -129,6 +137,20 @@ def registry(settings: CoordinatorSettings, redis_conn: redis.Redis) -> Registry
     return Registry(redis_conn, settings.keys, settings.ttl_s)
 
 
+_BUILTIN = Celery("builtin", set_as_current=False)
+
+
+def builtin_task(name: str) -> Task[Any, Any]:
+    """A built-in task (``worker_tasks.generate``, ...) as a plain app holds it."""
+    return _BUILTIN.tasks[name]
+
+
+def declare_builtin_tasks(registry: Registry) -> None:
+    """Declare the built-in tasks' specs to the registry, as a starting worker does."""
+    names = (GENERATE, OCR, EMBED)
+    registry.publish_task_specs({n: s for n in names if (s := TaskSpec.of(builtin_task(n)))})
+
+
 SCENARIO_1 = (
     Heartbeat(
         worker_id="gpu-1",
@@ -153,10 +175,10 @@ vllm specialist with llama3.2 and two active requests."""
 
 
 @pytest.fixture
-def app(settings: CoordinatorSettings) -> Iterator[FleetApp]:
+def app(settings: CoordinatorSettings) -> Iterator[Celery]:
     fleet_app = create_app(settings, main=f"test-{settings.namespace}")
     yield fleet_app
-    fleet_app.close()
+    fleet_of(fleet_app).close()
 
 
 @pytest.fixture
@@ -165,9 +187,10 @@ def fake_server() -> Iterator[Callable[..., SimulatedModelServer]]:
     started: list[SimulatedModelServer] = []
 
     def start(
-        name: str, models: list[str], loaded: list[str] | None = None
+        name: str, models: list[str], loaded: list[str] | None = None, **options: Any
     ) -> SimulatedModelServer:
-        server = SimulatedModelServer(name, models, models_in_memory=loaded or []).start()
+        server = SimulatedModelServer(name, models, models_in_memory=loaded or [], **options)
+        server.start()
         started.append(server)
         return server
 
@@ -210,7 +233,8 @@ WorkerFactory = Callable[..., WorkerProcess]
 def start_worker(
     settings: CoordinatorSettings, registry: Registry, tmp_path: Path
 ) -> Iterator[WorkerFactory]:
-    """Start ``celery -A worker_tasks worker`` subprocesses; returns once each heartbeats."""
+    """Start ``celery -A worker_tasks worker`` subprocesses (or ``-A app_module``, a module
+    in ``tmp_path``); returns once each heartbeats."""
     workers: list[WorkerProcess] = []
 
     def start(
@@ -222,12 +246,14 @@ def start_worker(
         extra_env: dict[str, str] | None = None,
         args: list[str] | None = None,
         wait: bool = True,
+        app_module: str = "worker_tasks",
     ) -> WorkerProcess:
         dead_url = f"http://127.0.0.1:{free_port()}"
         url = server.url if server is not None else dead_url
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            # The test's directory too, where a test may write an application's module.
+            "PYTHONPATH": os.pathsep.join((str(ROOT), str(tmp_path))),
             "REDIS_URL": settings.redis_url,
             "NAMESPACE": settings.namespace,
             "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
@@ -240,10 +266,12 @@ def start_worker(
             "EMBEDDINGS_URL": url,
             "OCR_URL": url,
             "PROBE_TIMEOUT_S": "1",
+            # Celery's default queue, per test namespace: tests share one Redis.
+            "PLAIN_CELERY_QUEUE": f"{settings.namespace}.celery",
             **(extra_env or {}),
         }
         log_path = tmp_path / f"{worker_id}.log"
-        command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "worker"]
+        command = [sys.executable, "-m", "celery", "-A", app_module, "worker"]
         command += ["-n", f"{worker_id}@%h", "-P", "solo", "-l", "INFO", "--without-mingle"]
         command += ["--without-gossip", *(args or [])]
         with log_path.open("wb") as log_file:
@@ -337,17 +365,17 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
 
 
 @pytest.fixture
-def client(app: FleetApp) -> Iterator[TestClient]:
+def client(app: Celery) -> Iterator[TestClient]:
     """The admin API over the test app, without a token."""
     with TestClient(create_api(app, token=None)) as test_client:
         yield test_client
 
 
 @pytest.fixture
-def reaper_thread(app: FleetApp, settings: CoordinatorSettings) -> Iterator[Reaper]:
+def reaper_thread(app: Celery, settings: CoordinatorSettings) -> Iterator[Reaper]:
     """A reaper scanning every heartbeat interval in this process, as `coordinator serve`
     runs it."""
-    reaper = Reaper(app, settings.grace_s)
+    reaper = Reaper(fleet_of(app), settings.grace_s)
     stop = threading.Event()
     thread = threading.Thread(target=reaper.run, args=(settings.heartbeat_interval_s, stop))
     thread.start()

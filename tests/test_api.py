@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 import uvicorn
+from celery import Celery
 from fastapi.testclient import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import Registry
 from coordinator.ops.api import create_api, is_loopback, serve
 from coordinator.routing import CostPolicy
@@ -35,7 +36,7 @@ GUARDED = [
 
 
 @pytest.fixture
-def guarded_client(app: FleetApp) -> Iterator[TestClient]:
+def guarded_client(app: Celery) -> Iterator[TestClient]:
     with TestClient(create_api(app, token=TOKEN)) as test_client:
         yield test_client
 
@@ -129,11 +130,11 @@ def test_services_reflect_heartbeats(client: TestClient, fleet: None) -> None:
 
 
 def test_decisions_newest_first_with_breakdowns(
-    app: FleetApp, client: TestClient, fleet: None
+    app: Celery, client: TestClient, fleet: None
 ) -> None:
     app.send_task(GENERATE, args=["hi"], kwargs={"model": "llama3.2"})
     app.send_task(OCR, args=["aGVsbG8="])
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
 
     decisions = client.get("/api/admin/decisions").json()["decisions"]
     assert [d["task"] for d in decisions] == [OCR, GENERATE]
@@ -158,9 +159,9 @@ def test_decisions_limit_out_of_range_is_422(client: TestClient, limit: str) -> 
     assert response.json()["detail"][0]["loc"] == ["query", "limit"]
 
 
-def test_metrics_after_routing(app: FleetApp, client: TestClient, fleet: None) -> None:
+def test_metrics_after_routing(app: Celery, client: TestClient, fleet: None) -> None:
     app.send_task(GENERATE, args=["hi"], kwargs={"model": "llama3.2"})
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
 
     response = client.get("/metrics")
     assert response.status_code == 200
@@ -176,7 +177,7 @@ def test_metrics_after_routing(app: FleetApp, client: TestClient, fleet: None) -
 
 
 def test_metrics_count_hits_in_memory_and_fallbacks(
-    app: FleetApp, client: TestClient, registry: Registry
+    app: Celery, client: TestClient, registry: Registry
 ) -> None:
     registry.publish(
         Heartbeat(
@@ -188,7 +189,7 @@ def test_metrics_count_hits_in_memory_and_fallbacks(
     )
     app.send_task(GENERATE, args=["hi"], kwargs={"model": "llama3.2"})
     app.send_task(OCR, args=["aGk="])  # nobody offers ocr: the shared queue
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
 
     text = client.get("/metrics").text
     assert 'aiq_routing_model_loaded_total{result="hit"} 1.0' in text
@@ -334,7 +335,7 @@ def test_healthz_needs_no_token(guarded_client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("token", ["", "   "])
-def test_an_empty_token_is_a_config_error(app: FleetApp, token: str) -> None:
+def test_an_empty_token_is_a_config_error(app: Celery, token: str) -> None:
     with pytest.raises(ConfigError, match="COORDINATOR_API_TOKEN is empty"):
         create_api(app, token=token)
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from coordinator.broadcast.client import broadcast, broadcast_async, send_control
 from coordinator.broadcast.rag import chroma_client, search
 from coordinator.core.errors import JobError, ServiceUnreachableError
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import Registry
 from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, WorkerProcess, free_port, wait_for, wait_for_worker
@@ -34,7 +35,7 @@ def start_all(
 
 
 def test_ping_reaches_exactly_the_capable_live_workers(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -64,7 +65,7 @@ def test_ping_reaches_exactly_the_capable_live_workers(
 
 
 def test_unknown_job_types_and_bad_data_fail_before_anything_is_sent(
-    app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+    app: Celery, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     with pytest.raises(JobError, match=r"unknown job type 'nope'.*rag_ingestion"):
         broadcast("nope", {}, app=app)
@@ -80,7 +81,7 @@ def test_unknown_job_types_and_bad_data_fail_before_anything_is_sent(
 
 
 def test_a_failing_worker_is_reported_and_the_others_still_aggregate(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -116,7 +117,7 @@ def test_a_failing_worker_is_reported_and_the_others_still_aggregate(
 
 
 def test_a_killed_worker_is_reported_timeout_and_the_call_returns(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -155,15 +156,15 @@ CORPUS = {
 
 
 @pytest.fixture
-def rag_app(settings: CoordinatorSettings, chroma_url: str) -> Iterator[FleetApp]:
+def rag_app(settings: CoordinatorSettings, chroma_url: str) -> Iterator[Celery]:
     """The test app, pointed at the session's ChromaDB."""
     app = create_app(settings.model_copy(update={"chromadb_url": chroma_url}), main="rag")
     yield app
-    app.close()
+    fleet_of(app).close()
 
 
 def test_rag_ingestion_stores_every_chunk_once_and_is_idempotent(
-    rag_app: FleetApp,
+    rag_app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -225,7 +226,7 @@ def test_rag_ingestion_stores_every_chunk_once_and_is_idempotent(
 
 
 def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -263,7 +264,7 @@ def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
 
 @pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
 def test_control_messages_act_in_every_worker_under_every_pool(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -297,7 +298,7 @@ def test_control_messages_act_in_every_worker_under_every_pool(
 
 
 def test_broadcast_async_returns_a_handle_to_wait_on(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -320,7 +321,7 @@ def test_broadcast_async_returns_a_handle_to_wait_on(
 
 
 def test_an_unreachable_chromadb_fails_ingestion_with_one_line_naming_chromadb_url(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,

@@ -12,16 +12,16 @@ import time
 from collections.abc import Callable
 
 import pytest
-from celery import signals
+from celery import Celery, signals
 from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 from kombu import Queue
 from kombu.exceptions import EncodeError
 
-from coordinator.core.catalog import GENERATE
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp
+from coordinator.core.task_spec import GENERATE
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
 from coordinator.fleet.registry import Registry
 from coordinator.ops import admin
@@ -29,14 +29,13 @@ from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
 from tests.conftest import WorkerFactory, wait_for, wait_for_worker
 from worker_tasks.tasks import generate
-from worker_tasks.worker_app import create_worker_app
 
 THREADS = 8
 ROUTES_PER_THREAD = 1_500
 
 
 def test_routing_from_many_threads_counts_every_task_and_never_raises(
-    app: FleetApp, registry: Registry, caplog: pytest.LogCaptureFixture
+    app: Celery, registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
     lasting = Registry(registry.client, registry.keys, ttl_s=600.0)  # outlives the test
     for n in range(4):
@@ -48,7 +47,7 @@ def test_routing_from_many_threads_counts_every_task_and_never_raises(
                 services_status={"vllm": "healthy"},
             )
         )
-    router = app.router
+    router = fleet_of(app).router
     router.refresh_s = 0.002  # snapshots, pools and leases change under the threads' feet
     routed: list[int] = []
 
@@ -57,6 +56,7 @@ def test_routing_from_many_threads_counts_every_task_and_never_raises(
         count = 0
         for i in range(ROUTES_PER_THREAD):
             route = router.route(GENERATE, "vllm", models[(i + offset) % 3])
+            router.confirm(route.claim_id)  # as the publish would
             count += route.worker_id is not None
         routed.append(count)
 
@@ -79,14 +79,16 @@ def in_flight(registry: Registry) -> dict[str, int]:
 
 @pytest.mark.e2e
 def test_every_claim_is_released_after_a_mixed_workload(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
     reaper_thread: Reaper,
 ) -> None:
-    a_server = fake_server("a", ["alpha", "beta"], ["alpha"])
-    b_server = fake_server("b", ["beta"], ["beta"])
+    # Each can pull only what it has: a model nobody has fails, a retry is not served by a
+    # pull elsewhere.
+    a_server = fake_server("a", ["alpha", "beta"], ["alpha"], library=frozenset({"alpha", "beta"}))
+    b_server = fake_server("b", ["beta"], ["beta"], library=frozenset({"beta"}))
     workers = [
         start_worker(worker_id, tier="gpu", server=server, wait=False)
         for worker_id, server in (("a", a_server), ("b", b_server))
@@ -128,7 +130,7 @@ def test_every_claim_is_released_after_a_mixed_workload(
 
 @pytest.mark.e2e
 def test_a_hard_time_limit_releases_the_claim_under_prefork(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -149,11 +151,11 @@ def test_a_child_killed_at_its_hard_time_limit_still_releases_its_claim(
 ) -> None:
     """billiard sends TERM, then KILL 0.1 s later: a child killed before its task_postrun
     leaves the release to the main process, which saw the message arrive."""
-    worker_app = create_worker_app(settings, main=f"outcomes-{settings.namespace}")
+    worker_app = create_app(settings, main=f"outcomes-{settings.namespace}")
     try:
         registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
         worker_app.send_task(GENERATE, args=["hi"], kwargs={"model": "m"})
-        worker_app.router.claims.flush()
+        fleet_of(worker_app).router.claims.flush()
         assert in_flight(registry) == {"w": 1}
         with worker_app.connection_for_read() as connection:
             queue = Queue(registry.keys.worker_queue("w"))(connection.default_channel)
@@ -169,7 +171,7 @@ def test_a_child_killed_at_its_hard_time_limit_still_releases_its_claim(
 
 
 def test_a_task_that_cannot_be_published_gives_its_claim_back(
-    app: FleetApp, registry: Registry
+    app: Celery, registry: Registry
 ) -> None:
     registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
     with pytest.raises(EncodeError):
@@ -177,12 +179,12 @@ def test_a_task_that_cannot_be_published_gives_its_claim_back(
     with pytest.raises(EncodeError):
         generate.delay(object(), model="m")
     generate.delay("hi", model="m")
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
     assert in_flight(registry) == {"w": 1}
     assert registry.client.llen(registry.keys.worker_queue("w")) == 1
 
 
-def test_the_callers_headers_are_left_as_they_were(app: FleetApp, registry: Registry) -> None:
+def test_the_callers_headers_are_left_as_they_were(app: Celery, registry: Registry) -> None:
     registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
     headers = {"trace": "t-1"}
     app.send_task(GENERATE, args=["hi"], kwargs={"model": "m"}, headers=headers)
@@ -215,18 +217,18 @@ def test_a_probe_after_the_failure_lifts_an_unreachable_mark(registry: Registry)
 
 
 def test_a_task_run_eagerly_leaves_no_claim(
-    app: FleetApp, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    app: Celery, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:9")  # refused: retried eagerly
     registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
     result = generate.apply(args=("hi",), kwargs={"model": "m"})
     assert result.failed()
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
     assert registry.snapshot().in_flight == {}
     assert registry.client.hlen(registry.keys.down("w")) == 0  # not a worker: marks nothing
 
 
-def test_explain_ranks_as_the_router_decides(app: FleetApp, registry: Registry) -> None:
+def test_explain_ranks_as_the_router_decides(app: Celery, registry: Registry) -> None:
     lasting = Registry(registry.client, registry.keys, ttl_s=600.0)
     models = {"warm": (["m"], ["m"]), "disk": (["m"], []), "none": ([], [])}
     for worker_id, (on_disk, in_memory) in models.items():
@@ -239,7 +241,7 @@ def test_explain_ranks_as_the_router_decides(app: FleetApp, registry: Registry) 
                 service_s={"m": 2.0},
             )
         )
-    router = app.router
+    router = fleet_of(app).router
     for _ in range(12):  # load and demand build up, as the router's own view holds them
         router.route(GENERATE, "vllm", "m")
         ranked = router.explain("vllm", "m")

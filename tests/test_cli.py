@@ -16,16 +16,24 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from celery import Celery
 
 from coordinator.cli import main
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import Registry
 from coordinator.routing import CostPolicy, SeedPolicy
 from coordinator.routing.seed import FACTORS
 from coordinator.sim.servers.ollama import SimulatedModelServer
-from tests.conftest import ROOT, SCENARIO_1, WorkerFactory, free_port, wait_for
+from tests.conftest import (
+    ROOT,
+    SCENARIO_1,
+    WorkerFactory,
+    declare_builtin_tasks,
+    free_port,
+    wait_for,
+)
 from tests.test_router import queued_task_names
 
 OCR, GENERATE, EMBED = "worker_tasks.ocr", "worker_tasks.generate", "worker_tasks.embed"
@@ -58,7 +66,9 @@ def run(
 
 @pytest.fixture
 def lasting(registry: Registry) -> Registry:
-    """The test's registry with a TTL that outlives a slow test (the fixture's is 2 s)."""
+    """The test's registry with a TTL that outlives a slow test (the fixture's is 2 s), and
+    the built-in tasks declared as a starting worker declares them."""
+    declare_builtin_tasks(registry)
     return Registry(registry.client, registry.keys, ttl_s=120)
 
 
@@ -158,11 +168,11 @@ def test_services_table_and_json(run: Run, scenario_1: Registry) -> None:
 
 
 def test_decisions_table_and_json(
-    run: Run, scenario_1: Registry, app: FleetApp, settings: CoordinatorSettings
+    run: Run, scenario_1: Registry, app: Celery, settings: CoordinatorSettings
 ) -> None:
     app.send_task(OCR, args=["aGk="])
     app.send_task(EMBED, args=[["text"]])  # nobody offers embeddings: shared queue
-    app.router.claims.flush()
+    fleet_of(app).router.claims.flush()
     code, out, _ = run("decisions", "--json")
     assert code == 0
     newest, oldest = json.loads(out)
@@ -238,7 +248,7 @@ def test_explain_matches_the_routers_choice(
     try:
         app.send_task(task, args=["aGk="], kwargs=kwargs)
     finally:
-        app.close()
+        fleet_of(app).close()
     assert queued_task_names(redis_conn, report["queue"]) == [task]
 
 
@@ -329,7 +339,9 @@ def test_explain_without_a_capable_worker_names_the_shared_queue(
     assert (code, report["winner"], report["queue"], report["candidates"]) == (0, None, queue, [])
 
 
-def test_explain_an_unknown_task_exits_2_listing_the_known_ones(run: Run) -> None:
+def test_explain_an_unknown_task_exits_2_listing_the_known_ones(
+    run: Run, lasting: Registry
+) -> None:
     code, out, err = run("explain", "worker_tasks.nope")
     assert (code, out) == (2, "")
     assert err.count("\n") == 1

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from celery import Celery
 from kombu import Connection, Exchange, Producer
 
 from coordinator.broadcast.client import broadcast_async
 from coordinator.broadcast.rag import chroma_client
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import Registry, redis_client
 from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
@@ -52,7 +53,7 @@ def fleet_with_a_victim(
 
 
 def test_kill_9_mid_task_loses_nothing(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -89,14 +90,14 @@ def _reap_slowly(settings: CoordinatorSettings, ready: Any) -> None:
     import worker_tasks.tasks  # noqa: F401  (registers the tasks in this spawned process)
 
     app = create_app(settings, main="doomed-reaper")
-    reaper = Reaper(app, grace_s=0.0, move_delay_s=0.05)
+    reaper = Reaper(fleet_of(app), grace_s=0.0, move_delay_s=0.05)
     ready.set()
     while True:
         reaper.scan()
 
 
 def test_a_reaper_killed_halfway_loses_and_doubles_nothing(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     registry: Registry,
@@ -122,7 +123,7 @@ def test_a_reaper_killed_halfway_loses_and_doubles_nothing(
     left = registry.client.llen(queue)
     assert 0 < left < QUEUED, "the reaper was to die halfway"
 
-    Reaper(app, grace_s=0.0).scan()  # a new reaper finishes the job
+    Reaper(fleet_of(app), grace_s=0.0).scan()  # a new reaper finishes the job
     answers = [r.get(timeout=60) for r in results]
     assert sorted(a["response"].split(": ", 1)[1] for a in answers) == sorted(
         f"task {n}" for n in range(QUEUED)
@@ -140,7 +141,7 @@ def test_a_redis_restart_under_a_running_fleet(
     server = private_redis(persist=True)
     local = settings.model_copy(update={"redis_url": server.url})
     app = create_app(local, main="restart")
-    registry = app.registry
+    registry = fleet_of(app).registry
     model = fake_server("m", ["llama3.2"], ["llama3.2"])
     workers = [
         start_worker(w, tier="cpu", server=model, wait=False, extra_env={"REDIS_URL": server.url})
@@ -148,7 +149,7 @@ def test_a_redis_restart_under_a_running_fleet(
     ]
     for worker in workers:
         wait_for_worker(registry, worker)
-    reaper = Reaper(app, local.grace_s)
+    reaper = Reaper(fleet_of(app), local.grace_s)
     assert reaper.scan() == []
 
     server.stop()
@@ -167,11 +168,11 @@ def test_a_redis_restart_under_a_running_fleet(
     )
     assert reaper.scan() == []
     assert app.tasks["worker_tasks.generate"].delay("after").get(timeout=30)["response"]
-    app.close()
+    fleet_of(app).close()
 
 
 def test_a_pickled_task_is_refused(
-    app: FleetApp,
+    app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     settings: CoordinatorSettings,
@@ -211,15 +212,15 @@ def test_a_password_protected_redis_works_and_never_shows_the_password(
         wait=False,
         extra_env={"REDIS_URL": server.url},
     )
-    wait_for_worker(app.registry, worker)
+    wait_for_worker(fleet_of(app).registry, worker)
     assert app.tasks["worker_tasks.generate"].delay("hi").get(timeout=30)["worker_id"] == "locked"
     assert secret not in worker.log()
-    decisions = app.registry.recent_decisions(10)
+    decisions = fleet_of(app).registry.recent_decisions(10)
     assert all(secret not in json.dumps(d) for d in decisions)
     wrong = redis_client(server.url.replace(secret, "wrong"), 1.0)
     with pytest.raises(Exception, match=r"(?i)auth|password"):
         wrong.ping()
-    app.close()
+    fleet_of(app).close()
 
 
 def test_a_dead_workers_broadcast_shard_moves_and_its_replicated_job_is_dropped(
@@ -254,7 +255,7 @@ def test_a_dead_workers_broadcast_shard_moves_and_its_replicated_job_is_dropped(
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait(timeout=10)
     wait_for(lambda: "victim" not in {h.worker_id for h in registry.live_workers()}, 10, "expiry")
-    report = next(r for r in Reaper(app, grace_s=0.0).scan() if r.worker_id == "victim")
+    report = next(r for r in Reaper(fleet_of(app), grace_s=0.0).scan() if r.worker_id == "victim")
     assert len(report.dropped) == 1  # the replicated ping
     assert sum(report.moved.values()) == 2  # the stuck generate and the shard
 
@@ -266,4 +267,4 @@ def test_a_dead_workers_broadcast_shard_moves_and_its_replicated_job_is_dropped(
         "alive": "accepted",
         "victim": "timeout",
     }
-    app.close()
+    fleet_of(app).close()

@@ -12,9 +12,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from coordinator.core.settings import POLICY_NAMES
-from coordinator.dispatch.app import FleetApp, default_app
+from coordinator.dispatch.app import default_app
 from coordinator.routing import POLICIES
 from worker_tasks.tasks import generate
 
@@ -59,19 +60,20 @@ def test_importing_the_worker_package_reads_no_environment() -> None:
 def test_celery_finds_the_worker_app_by_package_name() -> None:
     done = _python(
         "from celery.app.utils import find_app\n"
-        "from worker_tasks import WorkerApp\n"
+        "from coordinator.dispatch.app import find_fleet\n"
         "app = find_app('worker_tasks')\n"
         "app.loader.import_default_modules()  # what a starting worker does\n"
-        "print(type(app).__name__, sorted(n for n in app.tasks if n.startswith('worker_tasks')))"
+        "print(find_fleet(app) is not None,"
+        " sorted(n for n in app.tasks if n.startswith('worker_tasks')))"
     )
     assert done.returncode == 0, done.stderr
-    kind, names = done.stdout.strip().split(" ", 1)
-    assert kind == "WorkerApp"
+    fleet_app, names = done.stdout.strip().split(" ", 1)
+    assert fleet_app == "True"
     for task in ("generate", "ocr", "embed", "run_broadcast_job", "gather_broadcast"):
         assert f"worker_tasks.{task}" in names
 
 
-def test_a_task_sent_from_another_thread_finds_the_fleet_app(app: FleetApp) -> None:
+def test_a_task_sent_from_another_thread_finds_the_fleet_app(app: Celery) -> None:
     # Celery's current app is per thread; elsewhere it is a fallback app with no router.
     found: dict[str, object] = {}
 

@@ -25,7 +25,7 @@ from coordinator.fleet.registry import (
 )
 from coordinator.routing import CostPolicy
 from coordinator.routing.decisions import Decision
-from tests.conftest import WAIT_S, PrivateRedis
+from tests.conftest import WAIT_S, PrivateRedis, builtin_task
 
 GENERATE = "worker_tasks.generate"
 MODEL = "llama3.2"
@@ -170,7 +170,9 @@ def test_a_second_copy_is_loaded_once_the_backlog_outgrows_a_fresh_load(
     router = cost_router(lasting, seed=5)
     routes: list[str | None] = []
     while len(set(routes)) < 2 and len(routes) < 40:
-        routes.append(router.route(GENERATE, "vllm", MODEL).worker_id)
+        route = router.route(GENERATE, "vllm", MODEL)
+        router.confirm(route.claim_id)  # published
+        routes.append(route.worker_id)
     holder, moved = routes[0], len(routes) - 1
     assert routes[moved] not in (holder, None)
     assert moved >= 2  # some tasks queued behind the first load before a second copy
@@ -204,7 +206,7 @@ def test_redis_down_during_the_lease_still_routes_and_backs_off(
     router.refresh()  # the snapshot is taken; only the lease meets the outage
     server.stop()
     with caplog.at_level(logging.WARNING, logger="coordinator.dispatch.router"):
-        routed = router(GENERATE, ["hi"], {"model": MODEL}, {})
+        routed = router(GENERATE, ["hi"], {"model": MODEL}, {}, task=builtin_task(GENERATE))
     assert routed is not None
     assert routed["queue"] in (Keys(namespace).worker_queue("a"), Keys(namespace).worker_queue("b"))
     assert any("lease on loading llama3.2 not taken" in r.getMessage() for r in caplog.records)

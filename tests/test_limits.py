@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 
 from coordinator.broadcast.client import MAX_JOB_DATA_BYTES, broadcast
 from coordinator.core.errors import JobError, TaskInputError
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp
 from coordinator.ops.api import MAX_BODY_BYTES, create_api
 from worker_tasks.tasks import embed, generate, ocr
 
 
 def test_an_oversized_broadcast_is_refused_before_anything_is_sent(
-    app: FleetApp, redis_conn: redis.Redis, settings: CoordinatorSettings
+    app: Celery, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     huge = {"model": "x" * (MAX_JOB_DATA_BYTES + 1)}
     with pytest.raises(JobError, match=r"job_data is \d+ bytes, over the \d+ limit"):
@@ -23,7 +23,7 @@ def test_an_oversized_broadcast_is_refused_before_anything_is_sent(
     assert list(redis_conn.scan_iter(match=f"{settings.namespace}.*")) == []
 
 
-def test_an_oversized_request_body_gets_413(app: FleetApp) -> None:
+def test_an_oversized_request_body_gets_413(app: Celery) -> None:
     client = TestClient(create_api(app, token=None))
     answer = client.post(
         "/api/coordinator/broadcast-job",
@@ -45,7 +45,7 @@ def test_an_oversized_request_body_gets_413(app: FleetApp) -> None:
     ],
 )
 def test_ill_typed_task_arguments_fail_with_the_value_named(
-    app: FleetApp, task: object, args: tuple[object, ...], kwargs: dict[str, object], mentions: str
+    app: Celery, task: object, args: tuple[object, ...], kwargs: dict[str, object], mentions: str
 ) -> None:
     """Run where the task would run, before any model service is called."""
     with pytest.raises(TaskInputError) as error:

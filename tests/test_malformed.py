@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import pytest
 import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, assume, event, given
 from hypothesis import settings as hyp_settings
@@ -34,7 +35,7 @@ from coordinator.core.heartbeat import (
     is_eligible,
     parse_heartbeat,
 )
-from coordinator.dispatch.app import FleetApp
+from coordinator.dispatch.app import fleet_of
 from coordinator.dispatch.router import Route
 from coordinator.fleet.registry import Registry
 from coordinator.ops.api import BroadcastRequest, create_api
@@ -399,7 +400,7 @@ class Stage:
 
     registry: Registry
     redis_conn: redis.Redis
-    app: FleetApp
+    app: Celery
     written: set[str] = field(default_factory=set)
 
     @property
@@ -429,17 +430,17 @@ class Stage:
             self.redis_conn.sadd(self.registry.keys.workers, wid)
 
     def route(self) -> Route:
-        return self.app.router.route(GENERATE, "vllm", "llama3.2")
+        return fleet_of(self.app).router.route(GENERATE, "vllm", "llama3.2")
 
 
 @pytest.fixture
-def stage(registry: Registry, redis_conn: redis.Redis, app: FleetApp) -> Stage:
-    app.router.refresh_s = 0  # every route() reads the registry afresh
+def stage(registry: Registry, redis_conn: redis.Redis, app: Celery) -> Stage:
+    fleet_of(app).router.refresh_s = 0  # every route() reads the registry afresh
     return Stage(registry, redis_conn, app)  # the app fixture's close() writes its claims
 
 
 @pytest.fixture
-def lenient_client(app: FleetApp) -> Iterator[TestClient]:
+def lenient_client(app: Celery) -> Iterator[TestClient]:
     """A client that returns a server error as a 500 answer instead of raising it."""
     with TestClient(create_api(app, token=None), raise_server_exceptions=False) as test_client:
         yield test_client

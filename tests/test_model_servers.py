@@ -122,6 +122,20 @@ def test_openai_compatible_probe_generate_ocr_and_embed(
         backend.generate(client, where, model="nope", prompt="hi")
 
 
+def test_tei_gets_at_most_its_batch_limit_per_request_and_long_texts_truncated(
+    client: httpx.Client, tei_server: SimulatedTEIServer
+) -> None:
+    texts = [f"text number {n}" for n in range(70)]
+    texts[5] = "a very long text " * 400  # over the model's 512 tokens
+    answer = model_servers.BACKENDS["tei"].embed(
+        client, endpoint(tei_server.url, "tei"), model=EMBEDDER, texts=texts
+    )
+    assert len(answer["embeddings"]) == 70
+    assert answer["embeddings"][0] == tei_server.embed(texts[0])
+    # TEI refuses a request over max_client_batch_size (32 by default) with 413.
+    assert tei_server.request_count("POST", "/embed") == 3
+
+
 def test_an_api_key_is_sent_and_its_absence_reported(client: httpx.Client) -> None:
     with SimulatedOpenAIServer("keyed", [MODEL], api_key="s3cret") as server:
         backend = model_servers.BACKENDS["openai"]

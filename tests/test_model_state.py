@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
 
 from coordinator.core.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat
 from coordinator.core.settings import CoordinatorSettings, Endpoint, WorkerSettings
-from coordinator.dispatch.app import FleetApp
 from coordinator.fleet.registry import Registry
 from coordinator.sim.servers.ollama import SimulatedModelServer, _model_entry
 from tests.conftest import ROOT, WorkerFactory, free_port, wait_for
@@ -488,7 +488,7 @@ def test_a_heartbeat_with_many_long_model_names_stays_under_the_limit(
 
 @pytest.mark.e2e
 def test_a_prefork_worker_reports_what_its_tasks_measured(
-    app: FleetApp,
+    app: Celery,
     servers: list[SimulatedModelServer],
     start_worker: WorkerFactory,
     registry: Registry,

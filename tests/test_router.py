@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.dispatch.router import FleetRouter
 from coordinator.fleet.registry import Registry
 from coordinator.routing import CostPolicy, SeedPolicy
@@ -32,18 +33,18 @@ def queued_task_names(conn: redis.Redis, queue: str) -> list[str]:
     return [json.loads(raw)["headers"]["task"] for raw in conn.lrange(queue, 0, -1)]
 
 
-def flushed_decisions(app: FleetApp) -> list[str]:
+def flushed_decisions(app: Celery) -> list[str]:
     """The router's decisions, newest first, once its buffered writes are flushed."""
-    app.router.claims.flush()
-    return list(app.registry.recent_decisions(10))
+    fleet_of(app).router.claims.flush()
+    return list(fleet_of(app).registry.recent_decisions(10))
 
 
-def send(app: FleetApp, name: str, *args: Any, **options: Any) -> None:
+def send(app: Celery, name: str, *args: Any, **options: Any) -> None:
     app.send_task(name, args=args, kwargs=options.pop("kwargs", None), **options)
 
 
 @pytest.fixture
-def seed_app(settings: CoordinatorSettings) -> Iterator[FleetApp]:
+def seed_app(settings: CoordinatorSettings) -> Iterator[Celery]:
     """An app routing by the design's scoring table (``ROUTING_POLICY=seed``), whose
     scenarios these tests check."""
     seeded = create_app(settings.model_copy(update={"routing_policy": SeedPolicy.name}))
@@ -59,7 +60,7 @@ def scenario_1(registry: Registry) -> None:
 
 
 def test_scenario_1_ocr_goes_to_the_ocr_specialist(
-    seed_app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+    seed_app: Celery, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     app = seed_app
     send(app, OCR, "aGVsbG8=")
@@ -76,14 +77,14 @@ def test_scenario_1_ocr_goes_to_the_ocr_specialist(
 
 
 def test_generate_with_a_model_goes_where_it_is_loaded(
-    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+    app: Celery, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     send(app, GENERATE, "hi", kwargs={"model": "llama3.2:latest"})
     assert queued_task_names(redis_conn, settings.keys.worker_queue("gpu-2")) == [GENERATE]
 
 
 def test_scenario_2_the_less_loaded_worker_wins(
-    seed_app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+    seed_app: Celery, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     app = seed_app
     common: dict[str, Any] = {"tier": 1, "loaded_models": ["llama3.2"], "capabilities": ALL}
@@ -106,7 +107,7 @@ def test_scenario_2_the_less_loaded_worker_wins(
 
 
 def test_an_explicit_queue_wins_and_is_not_counted(
-    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, registry: Registry
+    app: Celery, scenario_1: None, redis_conn: redis.Redis, registry: Registry
 ) -> None:
     send(app, OCR, "aGVsbG8=", queue="hand-picked-" + registry.keys.namespace)
     assert queued_task_names(redis_conn, "hand-picked-" + registry.keys.namespace) == [OCR]
@@ -114,14 +115,14 @@ def test_an_explicit_queue_wins_and_is_not_counted(
 
 
 def test_tasks_the_router_does_not_know_keep_celerys_default_queue(
-    app: FleetApp, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
+    app: Celery, scenario_1: None, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     send(app, "somebody.elses.task", 1, 2)
     assert queued_task_names(redis_conn, settings.keys.default_queue) == ["somebody.elses.task"]
 
 
 def test_no_capable_worker_falls_back_to_the_service_queue(
-    app: FleetApp,
+    app: Celery,
     registry: Registry,
     redis_conn: redis.Redis,
     settings: CoordinatorSettings,
@@ -157,17 +158,17 @@ def test_unreachable_registry_never_breaks_delay(
             app.send_task(GENERATE, args=["hi"])
         elapsed = time.monotonic() - started
     finally:
-        app.close()
+        fleet_of(app).close()
     assert redis_conn.llen(settings.keys.service_queue("vllm")) == 20
     # The router backs off after the first failure instead of retrying Redis for each task.
     assert elapsed < 5.0
 
 
 def test_a_worker_that_joins_later_is_routed_to(
-    app: FleetApp, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
+    app: Celery, registry: Registry, redis_conn: redis.Redis, settings: CoordinatorSettings
 ) -> None:
     now = [1000.0]
-    app.router.clock = lambda: now[0]
+    fleet_of(app).router.clock = lambda: now[0]
     send(app, GENERATE, "before")
     assert redis_conn.llen(settings.keys.service_queue("vllm")) == 1
     registry.publish(Heartbeat(worker_id="late", capabilities=("vllm",)))
@@ -183,7 +184,7 @@ def _publish_burst(settings: CoordinatorSettings, start: Any, count: int) -> Non
     start.wait(30)
     for n in range(count):
         app.send_task(EMBED, args=[f"text {n}"])
-    app.close()
+    fleet_of(app).close()
 
 
 def test_a_burst_from_three_processes_spreads_over_equal_workers(

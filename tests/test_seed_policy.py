@@ -17,7 +17,6 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from coordinator.core.catalog import EMBED, GENERATE, OCR, detect_required_model
 from coordinator.core.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat, is_eligible
 from coordinator.core.score_weights import Weights
 from coordinator.routing.seed import FACTORS as SCORE_FACTORS
@@ -410,35 +409,6 @@ def test_breakdown_as_dict_is_json() -> None:
     assert d["worker_id"] == "rich"
     assert d["cpu_load"] == -10.0
     assert d["total"] == round(b.total, 3)
-
-
-# --- detect_required_model ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("task", "kwargs", "model"),
-    [
-        (GENERATE, {}, "llama3.2"),
-        (OCR, {}, "llama-vision"),
-        (EMBED, {}, "nomic-embed-text"),
-        (GENERATE, None, "llama3.2"),
-        (GENERATE, {"model": "mistral"}, "mistral"),
-        (GENERATE, {"model": "llama3.2:latest"}, "llama3.2"),
-        (GENERATE, {"model": "llama3.2:8b"}, "llama3.2:8b"),
-        (OCR, {"model": "llama3.2-vision"}, "llama3.2-vision"),
-        ("some.other.task", {"model": "mistral"}, None),
-        ("some.other.task", {}, None),
-        ("some.other.task", None, None),
-        (GENERATE, {"model": ""}, "llama3.2"),
-        (GENERATE, {"model": "   "}, "llama3.2"),
-        (GENERATE, {"model": None}, "llama3.2"),
-        (GENERATE, {"model": 3}, "llama3.2"),
-        (GENERATE, {"model": ["mistral"]}, "llama3.2"),
-        ("some.other.task", {"model": 3}, None),
-    ],
-)
-def test_detect_required_model(task: str, kwargs: dict[str, Any] | None, model: str | None) -> None:
-    assert detect_required_model(task, kwargs) == model
 
 
 # --- property: the winner is an eligible worker with the best total ----------------------

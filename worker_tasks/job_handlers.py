@@ -33,15 +33,15 @@ from coordinator.broadcast.job_types import (
     job_type,
 )
 from coordinator.broadcast.rag import chroma_client, chunk_document
-from coordinator.core.catalog import normalize_model
 from coordinator.core.errors import CoordinatorError, JobError
 from coordinator.core.heartbeat import TIER_BY_NAME, TIER_CPU
 from coordinator.core.settings import Endpoint, WorkerSettings, load_settings
+from coordinator.core.task_spec import normalize_model
 from worker_tasks import model_servers
 from worker_tasks.heartbeat_sender import HeartbeatSender
+from worker_tasks.lifecycle import runtime_of
 from worker_tasks.model_servers import Backend
 from worker_tasks.model_servers.ollama import OllamaBackend
-from worker_tasks.worker_app import WorkerApp
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ def run_broadcast_job(
     """Run one recipient's part of a broadcast. Never raises: a failure is an outcome, so
     the chord body always runs and the others' results are not lost."""
     started = time.monotonic()
-    app = self.app
-    runtime = app.runtime if isinstance(app, WorkerApp) else None
+    runtime = runtime_of(self.app)
     settings = runtime.settings if runtime is not None else load_settings(WorkerSettings)
     me = settings.worker_id
     try:

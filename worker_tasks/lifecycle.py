@@ -1,26 +1,35 @@
-"""What a worker does at start, per task and at shutdown, through Celery's signals."""
+"""What a fleet worker does at start and at shutdown, through Celery's signals.
+
+Imported by every ``celery worker`` of a fleet app (:func:`coordinator.install` lists it in
+Celery's ``imports``); its hooks act for fleet apps only, so a process may hold others.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from weakref import WeakKeyDictionary
 
-from celery import signals
+import redis
+from celery import Celery, signals
 from celery.worker import state
+from celery.worker.control import control_command
 
+from coordinator.broadcast.client import CONTROL_COMMANDS
 from coordinator.core.errors import ConfigError, ServiceError
 from coordinator.core.settings import WorkerSettings, load_settings
+from coordinator.core.task_spec import TaskSpec
+from coordinator.dispatch.app import Fleet, find_fleet
 from coordinator.fleet.registry import redact_url
 from worker_tasks import outcomes, system
 from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat_sender import HeartbeatSender
 from worker_tasks.model_stats import ModelStats
 
-if TYPE_CHECKING:
-    from worker_tasks.worker_app import WorkerApp
-
 log = logging.getLogger(__name__)
+
+__all__ = ["WorkerRuntime", "outcomes", "runtime_of"]  # outcomes: its hooks, one per outcome
 
 
 @dataclass
@@ -40,21 +49,42 @@ def _active_requests() -> int:
     return len(state.active_requests)
 
 
-def _own_queues(
-    app: WorkerApp, settings: WorkerSettings, capabilities: tuple[str, ...]
-) -> list[str]:
-    keys = app.settings.keys
-    return [
+_runtimes: WeakKeyDictionary[Celery, WorkerRuntime] = WeakKeyDictionary()
+_queues_chosen: WeakKeyDictionary[Celery, bool] = WeakKeyDictionary()
+
+
+def runtime_of(app: Celery) -> WorkerRuntime | None:
+    """The runtime of ``app``'s started worker in this process; ``None`` where tasks are only
+    sent (or run eagerly)."""
+    return _runtimes.get(app)
+
+
+def _own_queues(fleet: Fleet, settings: WorkerSettings, capabilities: tuple[str, ...]) -> list[str]:
+    keys = fleet.keys
+    queues = [
         keys.worker_queue(settings.worker_id),
         *(keys.service_queue(service) for service in capabilities),
         keys.default_queue,
     ]
+    # Where an app without the fleet router sends: its model tasks are routed on from here.
+    return [*queues, settings.plain_celery_queue] if settings.plain_celery_queue else queues
 
 
-def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
+def _publish_task_specs(app: Celery, fleet: Fleet) -> list[str]:
+    """Declare the routed tasks this worker runs, for processes without their code."""
+    specs = {name: spec for name, task in app.tasks.items() if (spec := TaskSpec.of(task))}
+    try:
+        fleet.registry.publish_task_specs(specs)
+    except redis.RedisError as exc:  # the other workers declare the same tasks
+        log.warning("routed tasks not declared to the registry: %s", exc)
+    return sorted(specs)
+
+
+def start(app: Celery, fleet: Fleet) -> WorkerRuntime:
     """Load worker settings, probe the services and choose the queues to consume."""
     try:
         settings = load_settings(WorkerSettings)
+        routed = _publish_task_specs(app, fleet)
     except ConfigError as exc:
         # SystemExit, because Celery logs and ignores ordinary errors from signal handlers.
         raise SystemExit(f"worker cannot start: {exc}") from None
@@ -73,12 +103,12 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
             chroma.start()
         except ServiceError as exc:
             raise SystemExit(f"worker cannot start: {exc}") from None
-    queue = app.settings.keys.worker_queue(settings.worker_id)
+    queue = fleet.keys.worker_queue(settings.worker_id)
     # Made before the pool forks, so that prefork children inherit its pipe.
     stats = ModelStats()
     sender = HeartbeatSender(
         settings=settings,
-        registry=app.registry,
+        registry=fleet.registry,
         tier=tier,
         queue=queue,
         active_requests=_active_requests,
@@ -87,8 +117,8 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
     capabilities = sender.capabilities(sender.refresh_probes())
     queues = app.amqp.queues
     # With -Q (seen by celeryd_init) the operator's choice of queues stands.
-    if not app.queues_chosen:
-        queues.select(_own_queues(app, settings, capabilities))
+    if not _queues_chosen.get(app, False):
+        queues.select(_own_queues(fleet, settings, capabilities))
     elif queue not in queues.consume_from:
         log.warning("queue %s is not consumed (-Q): the router's tasks will wait there", queue)
     log.info(
@@ -97,41 +127,57 @@ def start(app: WorkerApp, instance: Any) -> WorkerRuntime:
         tier,
         settings.worker_specialization,
         ",".join(capabilities) or "none",
-        redact_url(app.settings.registry_redis_url),
+        redact_url(fleet.settings.registry_redis_url),
         ",".join(sorted(queues.consume_from)),
     )
+    log.info("routed tasks: %s", ", ".join(routed) or "none")
     runtime = WorkerRuntime(
         settings=settings, queue=queue, heartbeat=sender, stats=stats, chroma=chroma
     )
-    app.runtime = runtime
+    _runtimes[app] = runtime
     return runtime
 
 
-def install(app: WorkerApp) -> None:
-    """Connect the worker hooks of ``app``; harmless in processes that only send tasks."""
-    outcomes.install(app)
+@signals.celeryd_init.connect
+def _init(sender: str, instance: Any, options: dict[str, Any], **_: Any) -> None:
+    if find_fleet(instance.app) is not None:
+        _queues_chosen[instance.app] = bool(options.get("queues"))
 
-    @signals.celeryd_init.connect(weak=False)
-    def _init(sender: str, instance: Any, options: dict[str, Any], **_: Any) -> None:
-        if instance.app is app:
-            app.queues_chosen = bool(options.get("queues"))
 
-    @signals.celeryd_after_setup.connect(weak=False)
-    def _after_setup(sender: str, instance: Any, **_: Any) -> None:
-        if instance.app is app:
-            start(app, instance)
+@signals.celeryd_after_setup.connect
+def _after_setup(sender: str, instance: Any, **_: Any) -> None:
+    fleet = find_fleet(instance.app)
+    if fleet is not None:
+        start(instance.app, fleet)
 
-    @signals.worker_ready.connect(weak=False)
-    def _ready(sender: Any, **_: Any) -> None:
-        runtime = app.runtime
-        if sender.app is app and runtime is not None:
-            runtime.heartbeat.start()
 
-    @signals.worker_shutdown.connect(weak=False)
-    def _shutdown(sender: Any, **_: Any) -> None:
-        runtime, app.runtime = app.runtime, None
-        if runtime is not None:
-            runtime.heartbeat.stop(deregister=True)
-            runtime.stats.close()
-            if runtime.chroma is not None:
-                runtime.chroma.stop()
+@signals.worker_ready.connect
+def _ready(sender: Any, **_: Any) -> None:
+    runtime = _runtimes.get(sender.app)
+    if runtime is not None:
+        runtime.heartbeat.start()
+
+
+@signals.worker_shutdown.connect
+def _shutdown(sender: Any, **_: Any) -> None:
+    runtime = _runtimes.pop(sender.app, None)
+    if runtime is not None:
+        runtime.heartbeat.stop(deregister=True)
+        runtime.stats.close()
+        if runtime.chroma is not None:
+            runtime.chroma.stop()
+
+
+@control_command(name=CONTROL_COMMANDS["refresh"])
+def aiq_refresh(state: Any) -> dict[str, str]:
+    """Probe the model services and heartbeat now (after a broadcast changed what is loaded).
+
+    A remote-control command (sent by :func:`coordinator.broadcast.send_control`): Celery runs
+    it in the worker's main process whatever the pool, where the heartbeat and probe threads
+    live; a task would run in a prefork child, whose copy of the sender has no threads.
+    """
+    runtime = _runtimes.get(state.consumer.app)
+    if runtime is None:
+        return {"ok": "no fleet runtime here"}
+    runtime.heartbeat.refresh_soon()
+    return {"ok": "refreshing"}

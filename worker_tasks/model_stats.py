@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Final, TypeGuard
 
-from coordinator.core.catalog import normalize_model
+from coordinator.core.task_spec import normalize_model
 
 log = logging.getLogger(__name__)
 

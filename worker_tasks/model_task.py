@@ -1,4 +1,8 @@
-"""The base of the model tasks: what happens when a model service fails.
+"""The base of the model tasks, built-in or an application's own: where the task runs and
+what happens when a model service fails.
+
+- A message that reached a worker unrouted (sent by an app without the fleet router, to
+  Celery's default queue or the fleet's) is routed on from there, under the same task id.
 
 - Connection refused, timeout, HTTP 5xx or 429 (:class:`ServiceUnavailableError`): retried up
   to 3 times with exponential backoff and jitter (2 s, 4 s, 8 s, at most 60 s), each retry
@@ -16,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore
 
-from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.errors import (
     ModelNotFoundError,
     ServiceUnavailableError,
@@ -31,9 +34,11 @@ from coordinator.core.errors import (
 )
 from coordinator.core.heartbeat import is_eligible
 from coordinator.core.settings import Endpoint, WorkerSettings, load_settings
-from coordinator.dispatch.app import FleetApp
+from coordinator.core.task_spec import TaskSpec
+from coordinator.dispatch.app import Fleet, find_fleet
 from coordinator.fleet.claims import CLAIM_HEADER, claim_header
 from worker_tasks import model_servers
+from worker_tasks.lifecycle import runtime_of
 from worker_tasks.model_servers import Backend
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,19 @@ MAX_EXCLUDED = 64
 
 
 class ModelTask(Task[Any, Any]):
-    """Base of the model tasks: retries transient service failures, re-routed."""
+    """Base of the model tasks: routed on when it arrived unrouted, retries transient service
+    failures (re-routed), moves to a worker with the model when this one has none.
+
+    Declare what the task needs as task options (:class:`~coordinator.core.task_spec.TaskSpec`):
+    ``@app.task(base=ModelTask, bind=True, service="vllm", default_model="llama3.2")``.
+    """
+
+    service: str | None = None
+    """The service the task needs (``vllm``, ``ocr``, ``embeddings`` or a capability)."""
+    model_arg: str | None = "model"
+    """The argument naming the model."""
+    default_model: str | None = None
+    """The model when the call names none."""
 
     autoretry_for = (ServiceUnavailableError,)
     max_retries = 3
@@ -56,10 +73,21 @@ class ModelTask(Task[Any, Any]):
     retry_jitter = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fleet, spec = find_fleet(self.app), self.spec
+        if fleet is not None and spec is not None and self._arrived_unrouted(fleet):
+            self._route_on(fleet, spec, args, kwargs)
         try:
             return super().__call__(*args, **kwargs)
         except ModelNotFoundError as exc:
-            return self._elsewhere(exc, kwargs)
+            return self._elsewhere(exc, args, kwargs)
+
+    @property
+    def spec(self) -> TaskSpec | None:
+        """What the task declares it needs (see :meth:`TaskSpec.of`)."""
+        cached: tuple[TaskSpec | None] | None = self.__dict__.get("_spec")
+        if cached is None:
+            cached = self.__dict__["_spec"] = (TaskSpec.of(self),)
+        return cached[0]
 
     def retry(
         self,
@@ -75,9 +103,10 @@ class ModelTask(Task[Any, Any]):
         """Celery's retry, sent where the router chooses now rather than back to this worker.
 
         When no retry is left, Celery raises without sending anything: then nothing is
-        routed either, or the claim taken for it would have no message behind it.
+        routed either. A retry that is not sent leaves no claim behind (see
+        :class:`~coordinator.dispatch.router.Route`).
         """
-        spec = task_spec(self.name)
+        fleet, spec = find_fleet(self.app), self.spec
         exclude = self._excluded() | frozenset(options.pop(EXCLUDE_OPTION, ()))
         # Called directly or eagerly, Celery sends no retry message: nothing to route.
         in_worker = not (self.request.called_directly or self.request.is_eager)
@@ -86,28 +115,63 @@ class ModelTask(Task[Any, Any]):
         limit = self.max_retries if max_retries is None else max_retries
         exhausted = limit is not None and self.request.retries >= limit
         routed_here = in_worker and not exhausted and "queue" not in options
-        if spec is None or not routed_here or not isinstance(self.app, FleetApp):
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        call_kwargs = kwargs if kwargs is not None else self.request.kwargs
-        model = detect_required_model(self.name, call_kwargs)
-        route = self.app.router.route(self.name, spec.service, model, exclude)
-        # The retry is a new message with a claim of its own; this attempt's claim is
-        # released when it ends (worker_tasks.outcomes).
+        if fleet is not None and spec is not None and routed_here:
+            call = (
+                args if args is not None else self.request.args,
+                kwargs if kwargs is not None else self.request.kwargs,
+            )
+            options.update(self._routed(fleet, spec, call, exclude))
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def _routed(
+        self,
+        fleet: Fleet,
+        spec: TaskSpec,
+        call: tuple[Sequence[Any] | None, Mapping[str, Any] | None],
+        exclude: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
+        """The options sending this task's message again where the router chooses now: a new
+        message with a claim of its own (this attempt's claim is released as it ends, by
+        ``worker_tasks.outcomes``)."""
+        route = fleet.router.route(self.name, spec.service, spec.model(*call), exclude)
         headers = dict(self.request.headers or {})
         headers.pop(CLAIM_HEADER, None)
         if exclude:
             headers[EXCLUDED_HEADER] = sorted(exclude)[:MAX_EXCLUDED]
         if route.claim is not None:
             headers[CLAIM_HEADER] = claim_header(route.claim)
-        options.update(queue=route.queue, headers=headers)
-        try:
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        except Retry:
-            raise  # sent: Celery's way of ending this attempt
-        except BaseException:
-            if route.claim is not None:  # not sent (the broker refused): take the claim back
-                self.app.router.claims.cancel(route.claim)
-            raise
+        return {"queue": route.queue, "headers": headers}
+
+    def _arrived_unrouted(self, fleet: Fleet) -> bool:
+        """Whether this message came through a queue no router chose: the fleet's default
+        queue or Celery's (an app without the fleet router sent it)."""
+        request = self.request
+        if request.called_directly or request.is_eager or (request.headers or {}).get(CLAIM_HEADER):
+            return False
+        queue = (request.delivery_info or {}).get("routing_key")
+        runtime = runtime_of(self.app)
+        plain = runtime.settings.plain_celery_queue if runtime is not None else None
+        return queue is not None and queue in (fleet.keys.default_queue, plain)
+
+    def _route_on(
+        self, fleet: Fleet, spec: TaskSpec, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Send this message where the router chooses, under the same task id, and end this
+        attempt without a result (Celery's ``Ignore``, as ``Task.replace`` does); returns when
+        the router chose this worker."""
+        options = self._routed(fleet, spec, (args, kwargs))
+        me = self.worker_settings().worker_id
+        if options["queue"] in (
+            fleet.keys.worker_queue(me),
+            fleet.keys.service_queue(spec.service),
+        ):
+            return  # here is as good as anywhere: its claim, never published, lapses unused
+        signature = self.signature_from_request(self.request, tuple(args), dict(kwargs), **options)
+        signature.apply_async()
+        log.info(
+            "%s %s arrived unrouted: sent on to %s", self.name, self.request.id, options["queue"]
+        )
+        raise Ignore()
 
     def _excluded(self) -> frozenset[str]:
         """The workers earlier attempts of this task found without its model."""
@@ -118,7 +182,7 @@ class ModelTask(Task[Any, Any]):
 
     def worker_settings(self) -> WorkerSettings:
         """This worker's settings (read from the environment outside a started worker)."""
-        runtime = getattr(self.app, "runtime", None)
+        runtime = runtime_of(self.app)
         return runtime.settings if runtime is not None else load_settings(WorkerSettings)
 
     def server(
@@ -135,7 +199,7 @@ class ModelTask(Task[Any, Any]):
         """Add a model call that began at ``started`` (``time.monotonic()``) to this worker's
         model statistics, which its heartbeat reports; outside a started worker there are
         none."""
-        runtime = getattr(self.app, "runtime", None)
+        runtime = runtime_of(self.app)
         if runtime is not None:
             runtime.stats.record_answer(model, answer, time.monotonic() - started)
 
@@ -143,7 +207,8 @@ class ModelTask(Task[Any, Any]):
         """Mark this worker's ``service`` unreachable in the registry, for two heartbeat
         intervals (its probes say so by then, or that it is back), and make this process's
         router see it before it routes the retry."""
-        if not isinstance(self.app, FleetApp):
+        fleet = find_fleet(self.app)
+        if fleet is None:
             return
         settings = self.worker_settings()
         for_s = 2 * settings.heartbeat_interval_s
@@ -157,31 +222,63 @@ class ModelTask(Task[Any, Any]):
         )
         try:
             why = f"{exc.url}: {exc.reason} (from a task)"
-            self.app.registry.mark_unreachable(settings.worker_id, service, for_s, why)
-            self.app.router.refresh()
+            fleet.registry.mark_unreachable(settings.worker_id, service, for_s, why)
+            fleet.router.refresh()
         except Exception as error:  # the next heartbeat carries the news all the same
             log.warning("could not mark %s unreachable: %s", service, error)
 
-    def _elsewhere(self, exc: ModelNotFoundError, kwargs: Mapping[str, Any]) -> Any:
-        """Route the task to another worker that has the model; none: fail, naming it."""
-        spec = task_spec(self.name)
-        if spec is None or not isinstance(self.app, FleetApp):
+    def _elsewhere(
+        self, exc: ModelNotFoundError, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Route the task to another worker that has the model; none has it: pull it here
+        where the server can (the router's lease on this load is held meanwhile), else fail,
+        naming it and the models the fleet serves, and end this worker's lease on it."""
+        fleet, spec = find_fleet(self.app), self.spec
+        if fleet is None or spec is None:
             raise exc
-        model = detect_required_model(self.name, kwargs)
+        model = spec.model(args, kwargs)
         me = self.worker_settings().worker_id
         tried = self._excluded() | {me}
-        live = [hb for hb in self.app.registry.live_workers() if is_eligible(hb, spec.service)]
+        live = [hb for hb in fleet.registry.live_workers() if is_eligible(hb, spec.service)]
         holders = [
             hb.worker_id
             for hb in live
             if hb.worker_id not in tried and model in (*hb.models_on_disk, *hb.models_in_memory)
         ]
-        if not holders:
-            served = sorted({m for hb in live for m in (*hb.models_on_disk, *hb.models_in_memory)})
-            raise ModelNotFoundError(
-                exc.url,
-                f"{exc.reason}; no other live worker has {model!r} (the fleet's "
-                f"{spec.service} models: {', '.join(served) or 'none'})",
-            ) from None
-        log.info("%s not on %s: routed again, away from it (%s have it)", model, me, holders)
-        return self.retry(exc=exc, countdown=0, aiq_exclude=[me])
+        if holders:
+            log.info("%s not on %s: routed again, away from it (%s have it)", model, me, holders)
+            return self.retry(exc=exc, countdown=0, aiq_exclude=[me])
+        try:
+            pulled = model is not None and self._pull(spec.service, model)
+        except ModelNotFoundError as nowhere:
+            pulled, exc = False, nowhere
+        except Exception:
+            _drop_lease(fleet, model, me)
+            raise
+        if pulled:  # the lease stays until this worker's heartbeat shows the model
+            return super().__call__(*args, **kwargs)
+        _drop_lease(fleet, model, me)  # no load is coming: this worker must not look busy
+        served = sorted({m for hb in live for m in (*hb.models_on_disk, *hb.models_in_memory)})
+        raise ModelNotFoundError(
+            exc.url,
+            f"{exc.reason}; no other live worker has {model!r} (the fleet's "
+            f"{spec.service} models: {', '.join(served) or 'none'})",
+        ) from None
+
+    def _pull(self, service: str, model: str) -> bool:
+        """Download ``model`` onto this worker's server, if its API can; whether it did."""
+        client, endpoint, server = self.server(service, self.worker_settings())
+        if not server.can_pull:
+            return False
+        log.info("%s is on no live worker: %s pulls it", model, endpoint.url)
+        server.pull(client, endpoint, model)
+        return True
+
+
+def _drop_lease(fleet: Fleet, model: str | None, worker_id: str) -> None:
+    if model is None:
+        return
+    try:
+        fleet.registry.drop_lease(model, worker_id)
+    except Exception as exc:  # it expires on its own
+        log.warning("could not end the lease on loading %s: %s", model, exc)

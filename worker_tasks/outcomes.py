@@ -36,27 +36,25 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import TimeLimitExceeded
 
+from coordinator.dispatch.app import Fleet, find_fleet
 from coordinator.fleet.claims import CLAIM_HEADER, parse_claim
-
-if TYPE_CHECKING:
-    from worker_tasks.worker_app import WorkerApp
 
 log = logging.getLogger(__name__)
 
 
-def release(app: WorkerApp, header: object) -> None:
-    """Release the claim a message carried (none: nothing to do). Never raises: a lost
-    release costs balance until the claim lapses, never the task."""
+def release(fleet: Fleet | None, header: object) -> None:
+    """Release the claim a message carried (none, or no fleet: nothing to do). Never raises:
+    a lost release costs balance until the claim lapses, never the task."""
     claim = parse_claim(header)
-    if claim is None:
+    if claim is None or fleet is None:
         return
     try:
-        app.registry.release(*claim, lapse_s=app.router.claim_lapse_s)
+        fleet.registry.release(*claim, lapse_s=fleet.router.claim_lapse_s)
     except Exception as exc:
         log.warning("could not release the claim of %s on %s: %s", claim[1], claim[0], exc)
 
@@ -65,49 +63,56 @@ def _header(headers: Mapping[str, Any] | None) -> object:
     return (headers or {}).get(CLAIM_HEADER)
 
 
+def _fleet(owner: Any) -> Fleet | None:
+    app = getattr(owner, "app", None)
+    return find_fleet(app) if app is not None else None
+
+
 RECEIVED_KEPT = 10_000
 """Claims of received messages the main process remembers, for a hard time limit (a
 prefork pool reports that in the main process, where the task's headers are not)."""
+_received: OrderedDict[str, object] = OrderedDict()
 
 
-def install(app: WorkerApp) -> None:
-    """Connect one hook per outcome (see the table above) for ``app``'s tasks."""
-    received: OrderedDict[str, object] = OrderedDict()
+@signals.task_received.connect
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    header = _header(getattr(request, "request_dict", None))
+    if header and _fleet(getattr(request, "task", None)) is not None:
+        _received[request.id] = header
+        while len(_received) > RECEIVED_KEPT:
+            _received.popitem(last=False)
 
-    @signals.task_received.connect(weak=False)
-    def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
-        header = _header(getattr(request, "request_dict", None))
-        if getattr(request, "task", None) is not None and request.task.app is app and header:
-            received[request.id] = header
-            while len(received) > RECEIVED_KEPT:
-                received.popitem(last=False)
 
-    @signals.task_failure.connect(weak=False)
-    def _timed_out(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
-        if isinstance(exception, TimeLimitExceeded) and getattr(sender, "app", None) is app:
-            release(app, received.pop(task_id, None))
+@signals.task_failure.connect
+def _on_timed_out(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+    if isinstance(exception, TimeLimitExceeded):
+        release(_fleet(sender), _received.pop(task_id, None))
 
-    @signals.task_postrun.connect(weak=False)
-    def _ran(
-        sender: Task[Any, Any] | None = None, task: Task[Any, Any] | None = None, **_: Any
-    ) -> None:
-        task = task or sender
-        if task is not None and task.app is app:
-            received.pop(task.request.id or "", None)  # the solo and threads pools run it here
-            release(app, _header(task.request.headers))
 
-    @signals.task_revoked.connect(weak=False)
-    def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-        # Revoked and expired messages never run, so task_postrun never sees them.
-        if getattr(sender, "app", None) is app and request is not None:
-            release(app, _header(getattr(request, "headers", None)))
+@signals.task_postrun.connect
+def _on_ran(
+    sender: Task[Any, Any] | None = None, task: Task[Any, Any] | None = None, **_: Any
+) -> None:
+    task = task or sender
+    if task is not None:
+        _received.pop(task.request.id or "", None)  # the solo and threads pools run it here
+        release(_fleet(task), _header(task.request.headers))
 
-    @signals.task_rejected.connect(weak=False)
-    def _rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app and message is not None:
-            release(app, _header(message.headers))
 
-    @signals.task_unknown.connect(weak=False)
-    def _unknown(sender: Any = None, message: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app and message is not None:
-            release(app, _header(message.headers))
+@signals.task_revoked.connect
+def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    # Revoked and expired messages never run, so task_postrun never sees them.
+    if request is not None:
+        release(_fleet(sender), _header(getattr(request, "headers", None)))
+
+
+@signals.task_rejected.connect
+def _on_rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
+    if message is not None:
+        release(_fleet(sender), _header(message.headers))
+
+
+@signals.task_unknown.connect
+def _on_unknown(sender: Any = None, message: Any = None, **_: Any) -> None:
+    if message is not None:
+        release(_fleet(sender), _header(message.headers))

@@ -1,5 +1,6 @@
-"""The model tasks applications call: ``generate``, ``ocr`` and ``embed``; their retry
-and rerouting policy is :class:`~worker_tasks.model_task.ModelTask`'s."""
+"""The built-in model tasks: ``generate``, ``ocr`` and ``embed``. Each declares what it needs
+as task options, as an application's own tasks do (:mod:`coordinator.core.task_spec`); their
+retry and rerouting policy is :class:`~worker_tasks.model_task.ModelTask`'s."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any, cast
 from celery import shared_task
 from celery.local import Proxy
 
-from coordinator.core.catalog import EMBED, GENERATE, OCR, TASKS
 from coordinator.core.errors import TaskInputError
+from coordinator.core.task_spec import EMBED, GENERATE, OCR
 from coordinator.dispatch.app import default_app
 from worker_tasks.model_task import ModelTask
 
@@ -27,9 +28,10 @@ def _text(value: object, name: str) -> str:
     return value
 
 
-def _model(value: object, default: str) -> str:
+def _model(task: ModelTask, value: object) -> str:
+    """The model the call names, else the task's default."""
     if value is None:
-        return default
+        return str(task.default_model)
     return _text(value, "model")
 
 
@@ -48,7 +50,7 @@ def _image_base64(image: object) -> str:
     return text
 
 
-@shared_task(name=GENERATE, base=ModelTask, bind=True)
+@shared_task(name=GENERATE, base=ModelTask, bind=True, service="vllm", default_model="llama3.2")
 def _generate(
     self: ModelTask,
     prompt: str,
@@ -58,7 +60,7 @@ def _generate(
 ) -> dict[str, Any]:
     """Generate text (service ``vllm``: Ollama or an OpenAI-compatible server); not streamed."""
     settings = self.worker_settings()
-    name = _model(model, TASKS[GENERATE].default_model)
+    name = _model(self, model)
     text = _text(prompt, "prompt")  # bad input fails before any server is asked
     client, endpoint, server = self.server("vllm", settings)
     started = time.monotonic()
@@ -73,7 +75,7 @@ def _generate(
     }
 
 
-@shared_task(name=OCR, base=ModelTask, bind=True)
+@shared_task(name=OCR, base=ModelTask, bind=True, service="ocr", default_model="llama-vision")
 def _ocr(
     self: ModelTask,
     image: str,
@@ -83,7 +85,7 @@ def _ocr(
 ) -> dict[str, Any]:
     """Read the text in an image (base64 or a path on the worker) with a vision model."""
     settings = self.worker_settings()
-    name = _model(model, TASKS[OCR].default_model)
+    name = _model(self, model)
     images = [_image_base64(image)]
     text = _text(prompt, "prompt")
     client, endpoint, server = self.server("ocr", settings)
@@ -93,7 +95,9 @@ def _ocr(
     return {"worker_id": settings.worker_id, "model": name, "text": answer["response"]}
 
 
-@shared_task(name=EMBED, base=ModelTask, bind=True)
+@shared_task(
+    name=EMBED, base=ModelTask, bind=True, service="embeddings", default_model="nomic-embed-text"
+)
 def _embed(
     self: ModelTask,
     texts: list[str] | str,
@@ -102,7 +106,7 @@ def _embed(
 ) -> dict[str, Any]:
     """Embed one text or a list of texts (service ``embeddings``)."""
     settings = self.worker_settings()
-    name = _model(model, TASKS[EMBED].default_model)
+    name = _model(self, model)
     items = [texts] if isinstance(texts, str) else texts
     if not isinstance(items, list) or not items or len(items) > MAX_EMBED_TEXTS:
         raise TaskInputError(

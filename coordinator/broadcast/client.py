@@ -19,14 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from celery import chord, group
+from celery import Celery, chord, group
 from celery.result import AsyncResult, GroupResult
 from pydantic import BaseModel, Field
 
 from coordinator.broadcast.job_types import JobType, job_type
 from coordinator.core.errors import JobError
 from coordinator.core.heartbeat import ROUTABLE_STATUSES, TIER_CPU, Heartbeat
-from coordinator.dispatch.app import FleetApp, default_app
+from coordinator.dispatch.app import default_app, fleet_of
 from coordinator.fleet.counters import record_broadcast
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def gather(job: JobType, broadcast_id: str, outcomes: Sequence[WorkerOutcome]) -
 class BroadcastHandle:
     """A broadcast under way; :meth:`wait` gives its result."""
 
-    app: FleetApp
+    app: Celery
     job: JobType
     broadcast_id: str
     recipients: list[str]
@@ -172,7 +172,7 @@ def broadcast_async(
     required_capability: str | None = None,
     *,
     timeout_s: float = 300.0,
-    app: FleetApp | None = None,
+    app: Celery | None = None,
 ) -> BroadcastHandle:
     """Send a job to every capable live worker; returns at once with a handle.
 
@@ -187,12 +187,12 @@ def broadcast_async(
         raise JobError(f"job_data is {size} bytes, over the {MAX_JOB_DATA_BYTES} limit")
     data = job.parse(job_data)
     capability = required_capability or job.required_capability
-    recipients = select_recipients(app.registry.live_workers(), capability)
+    recipients = select_recipients(fleet_of(app).registry.live_workers(), capability)
     if not recipients:
         offering = f" offers {capability!r}" if capability else ""
         raise JobError(f"no live GPU or CPU worker{offering}")
     broadcast_id = uuid.uuid4().hex
-    keys = app.settings.keys
+    keys = fleet_of(app).keys
     # A worker that comes back after the caller gave up must not start stale work.
     expires = timeout_s + 60.0
     header = [
@@ -233,7 +233,7 @@ def broadcast(
     required_capability: str | None = None,
     *,
     timeout_s: float = 300.0,
-    app: FleetApp | None = None,
+    app: Celery | None = None,
 ) -> BroadcastResult:
     """Send a job to every capable live worker and wait for the aggregated answer.
 
@@ -246,7 +246,7 @@ def broadcast(
     return handle.wait()
 
 
-def send_control(app: FleetApp, command: str) -> None:
+def send_control(app: Celery, command: str) -> None:
     """Send a control message to every worker of the fleet (no result): ``refresh`` makes
     each probe its services and heartbeat now.
 
@@ -259,16 +259,18 @@ def send_control(app: FleetApp, command: str) -> None:
     app.control.broadcast(CONTROL_COMMANDS[command])
 
 
-def _after(app: FleetApp, result: BroadcastResult) -> None:
+def _after(app: Celery, result: BroadcastResult) -> None:
     # Jobs change what workers have loaded; the router should not wait a heartbeat to know.
     try:
         send_control(app, "refresh")
-        record_broadcast(app.registry, result.job_type, (w.status for w in result.workers))
+        record_broadcast(
+            fleet_of(app).registry, result.job_type, (w.status for w in result.workers)
+        )
     except Exception as exc:  # best effort: the next heartbeat brings the same news
         log.warning("could not refresh the fleet or count the broadcast: %s", exc)
 
 
-def _stop_waiting(app: FleetApp, task_ids: Sequence[str]) -> None:
+def _stop_waiting(app: Celery, task_ids: Sequence[str]) -> None:
     """Drop the caller-side waiters Celery left on a chord's header results.
 
     Celery's Redis backend builds a GroupResult of the header when it applies a chord, and

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from coordinator.core.catalog import EMBED
 from coordinator.core.errors import ServiceError, ServiceUnreachableError
-from coordinator.dispatch.app import FleetApp, default_app
+from coordinator.core.task_spec import EMBED
+from coordinator.dispatch.app import default_app, fleet_of
 
 if TYPE_CHECKING:
+    from celery import Celery
     from chromadb.api import ClientAPI
 
 
@@ -102,7 +103,7 @@ def search(
     text: str,
     *,
     n_results: int = 5,
-    app: FleetApp | None = None,
+    app: Celery | None = None,
     timeout_s: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Search a collection for ``text``: embedded by the fleet (an ``embed`` task, routed
@@ -110,7 +111,9 @@ def search(
     app = app or default_app()
     answer = app.send_task(EMBED, args=([text],)).get(timeout=timeout_s)
     embedding = answer["embeddings"][0]
-    return query(chroma_client(app.settings.chromadb_url), collection, embedding, n_results)
+    return query(
+        chroma_client(fleet_of(app).settings.chromadb_url), collection, embedding, n_results
+    )
 
 
 def query(

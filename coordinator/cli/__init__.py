@@ -23,7 +23,6 @@ from kombu.exceptions import OperationalError
 from rich.console import Console
 
 from coordinator.cli.explain import print_explanation, target_queue, tiebreak_max, why_not
-from coordinator.core.catalog import TASKS, detect_required_model, task_spec
 from coordinator.core.errors import ConfigError, JobError
 from coordinator.core.heartbeat import is_eligible
 from coordinator.core.settings import CoordinatorSettings, load_settings
@@ -89,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive(int), default=20, help="how many (default 20)"
     )
     explain = add("explain", _explain, "how every live worker would score for a task now")
-    explain.add_argument("task", help=f"task name, one of: {', '.join(sorted(TASKS))}")
+    explain.add_argument("task", help="a routed task's name, e.g. worker_tasks.generate")
     explain.add_argument("--model", help="the model= the task is called with (default: its own)")
     cast = add("broadcast", _broadcast, "send a job to every capable worker and wait for it")
     cast.add_argument("job_type", help="rag_ingestion, warm_model, ping, ...")
@@ -194,14 +193,16 @@ def _decisions(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
 
 
 def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
-    spec = task_spec(args.task)
-    if spec is None:
-        known = ", ".join(sorted(TASKS))
-        return _fail(f"unknown task {args.task!r}; known tasks: {known}", EXIT_USAGE)
-    model = detect_required_model(args.task, {"model": args.model})
     registry = _registry(settings)
     policy = make_policy(settings.routing_policy, settings.score_weights)
     router = FleetRouter(registry=registry, policy=policy)
+    # As the router of a process without the task's code finds it: declared by the workers.
+    specs = registry.task_specs()
+    spec = specs.get(args.task)
+    if spec is None:
+        known = ", ".join(sorted(specs)) or "none (no worker has started)"
+        return _fail(f"unknown task {args.task!r}; the fleet's routed tasks: {known}", EXIT_USAGE)
+    model = spec.model((), {} if spec.model_arg is None else {spec.model_arg: args.model})
     ranked = router.explain(spec.service, model)  # the router's own ranking, no tiebreak drawn
     live = {hb.worker_id: hb for hb in registry.live_workers()}
     winner = ranked[0] if ranked else None
@@ -252,7 +253,7 @@ def _broadcast(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     if not isinstance(data, dict):
         return _fail(f"--data {args.data} must hold a JSON object", EXIT_USAGE)
     from coordinator.broadcast.client import broadcast
-    from coordinator.dispatch.app import create_app
+    from coordinator.dispatch.app import create_app, fleet_of
 
     app = create_app(settings, main="coordinator-cli")
     try:
@@ -260,7 +261,7 @@ def _broadcast(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     except JobError as exc:
         return _fail(str(exc), EXIT_USAGE)
     finally:
-        app.close()
+        fleet_of(app).close()
     code = EXIT_OK if result.failed == 0 else EXIT_FAILED
     if args.json:
         _print_json(result.model_dump(mode="json"))

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coordinator.core.catalog import normalize_model
 from coordinator.core.errors import HeartbeatError
+from coordinator.core.task_spec import normalize_model
 
 MAX_HEARTBEAT_BYTES: Final = 64 * 1024
 """A heartbeat larger than this is refused unparsed: no honest worker sends one."""

@@ -34,6 +34,9 @@ key                                 type    contents
                                             model, expected in memory at ``ready_at``; the
                                             entry is void after ``expires_at`` and pruned by
                                             the next lease taken
+``{ns}:tasks``                      hash    task name -> its :class:`TaskSpec` (JSON), as
+                                            the workers that run it declare it: how a
+                                            process without the task's code routes it
 ``{ns}:decisions``                  list    the last ``DECISIONS_KEPT`` routing decisions
                                             (JSON), newest first
 ``{ns}:metrics:{name}``             hash    monotonic counters for ``/metrics``: ``routed``
@@ -134,6 +137,11 @@ class Keys:
     def leases(self) -> str:
         """The hash of model loads under way: one cold load per model across the fleet."""
         return f"{self._tag}:leases"
+
+    @property
+    def tasks(self) -> str:
+        """The hash of the routed tasks' specs, as the fleet's workers declare them."""
+        return f"{self._tag}:tasks"
 
     @property
     def decisions(self) -> str:

@@ -130,6 +130,12 @@ class WorkerSettings(CoordinatorSettings):
     ocr_url: str | None = None
     ocr_api: ServerApi = "auto"
     ocr_api_key: SecretStr | None = None
+    plain_celery_queue: str = Field(
+        default="celery",
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.@:-]*$",
+        description="Celery's default queue, read for apps without the fleet router ('': not)",
+    )
     probe_timeout_s: float = Field(default=2.0, gt=0.0)
     model_timeout_s: float = Field(default=300.0, gt=0.0)
     enable_chromadb: bool = Field(default=False, description="serve ChromaDB (storage tier)")

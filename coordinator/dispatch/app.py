@@ -1,66 +1,76 @@
-"""The fleet's Celery app: JSON only, the fleet router installed on publish.
+"""Any Celery app made a fleet app: JSON only, the fleet router on publish and, in a
+``celery worker``, the fleet worker's runtime::
 
-A worker process builds on it (:func:`worker_tasks.create_worker_app` adds the task modules
-and the worker's start, heartbeat and shutdown hooks); a process that only sends tasks
-needs nothing more than this.
+    app = Celery("myapp")
+    coordinator.install(app)  # settings from the environment (docs/configuration.md)
+
+    @app.task(service="vllm", default_model="llama3.2")
+    def summarize(text: str, model: str | None = None) -> str: ...
+
+``celery -A myapp worker`` then joins the fleet: it heartbeats, probes its model servers and
+consumes its own queue, and ``summarize.delay(text, model="qwen2.5")`` is routed like the
+built-in ``generate``. A process that only sends tasks needs nothing more than this module.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Self
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+from weakref import WeakKeyDictionary
 
 from celery import Celery
 from celery.app import app_or_default
-from celery.result import AsyncResult
 
+from coordinator.core.errors import ConfigError
+from coordinator.core.keys import Keys
 from coordinator.core.settings import CoordinatorSettings, load_settings
 from coordinator.dispatch.router import FleetRouter
 from coordinator.fleet.registry import Registry, redis_client
 from coordinator.routing import make_policy
 from coordinator.routing.interface import lease_grace_s
 
+WORKER_MODULES: Final = (
+    "worker_tasks.lifecycle",
+    "worker_tasks.tasks",
+    "worker_tasks.job_handlers",
+)
+"""What a fleet worker imports as it starts (Celery's ``imports``): its runtime, the built-in
+tasks and the broadcast jobs. Named, not imported: the coordinator never imports the worker
+(a process that sends tasks does not need it), Celery's worker does."""
 
-class FleetApp(Celery):
-    """A Celery app that carries the fleet's settings, registry and router.
 
-    Holding them here, not in module globals, lets a test run several apps side by side.
+@dataclass(frozen=True)
+class Fleet:
+    """What makes a Celery app a fleet app: the fleet's settings, registry and router.
+
+    Kept beside the app rather than in module globals, so a process (a test) can hold
+    several fleets side by side.
     """
 
     settings: CoordinatorSettings
     registry: Registry
     router: FleetRouter
 
-    @classmethod
-    def from_settings(
-        cls,
-        settings: CoordinatorSettings,
-        *,
-        main: str = "worker_tasks",
-        set_as_current: bool = True,
-    ) -> Self:
-        """Build the app for ``settings``; nothing connects to Redis until it is used.
+    @property
+    def keys(self) -> Keys:
+        """The fleet's key and queue names."""
+        return self.settings.keys
 
-        With ``set_as_current`` the app is Celery's current app in this thread and its
-        default app in every other, so ``.delay()`` from any thread of the application
-        (a web server's pool, a chord body in a worker) is routed by it: Celery's current
-        app is per thread, and elsewhere falls back to an app with no router.
-        """
-        app = cls(
-            main,
-            broker=settings.redis_url,
-            backend=settings.redis_url,
-            set_as_current=set_as_current,
-        )
-        app.settings = settings
-        app.registry = Registry(
+    @classmethod
+    def from_settings(cls, settings: CoordinatorSettings, app: Celery | None = None) -> Fleet:
+        """The fleet of ``settings``, routing ``app``'s tasks by what they declare (without
+        an app: as the workers declared them); nothing connects to Redis until it is used."""
+        registry = Registry(
             redis_client(settings.registry_redis_url, settings.redis_timeout_s),
             settings.keys,
             settings.ttl_s,
         )
-        app.router = FleetRouter(
-            registry=app.registry,
+        router = FleetRouter(
+            registry=registry,
             policy=make_policy(settings.routing_policy, settings.score_weights),
             refresh_s=settings.registry_refresh_s,
             decisions_kept=settings.decisions_kept,
@@ -68,38 +78,101 @@ class FleetApp(Celery):
             lease_grace_s=lease_grace_s(settings.heartbeat_interval_s),
             claim_lapse_s=settings.visibility_timeout_s,
         )
-        _configure(app, settings)
-        if set_as_current:
-            app.set_default()
-        return app
-
-    def send_task(self, name: str, *args: Any, **options: Any) -> AsyncResult[Any]:
-        """Celery's ``send_task`` (which ``delay`` and ``apply_async`` call): a message that
-        could not be published gives back the claim its route took."""
-        with self.router.publishing():
-            return super().send_task(name, *args, **options)
+        if app is not None:
+            router.local_task = _task_lookup(app)
+        return cls(settings, registry, router)
 
     def close(self) -> None:
-        """Write the router's buffered claims and decisions, then close as Celery does."""
+        """Write the router's buffered claims and decisions."""
         self.router.claims.flush()
-        super().close()
+
+
+_fleets: WeakKeyDictionary[Celery, Fleet] = WeakKeyDictionary()
+_fleets_lock = threading.Lock()
+
+
+def install(
+    app: Celery, settings: CoordinatorSettings | None = None, *, make_default: bool = True
+) -> Fleet:
+    """Make ``app`` a fleet app, with ``settings`` (default: from the environment).
+
+    Sets the app's broker and result backend to the fleet's Redis, JSON only, the fleet
+    router before the app's own ``task_routes``, and the worker modules to import in
+    ``celery worker``; call it after configuring the app. With ``make_default`` the app is
+    Celery's default app in every thread, so ``.delay()`` from a thread that did not build
+    it (a web server's pool) is routed by it rather than by Celery's fallback app (no
+    router, broker ``amqp://localhost``). Installing twice returns the first fleet.
+
+    Raises:
+        ConfigError: a setting in the environment is invalid.
+    """
+    with _fleets_lock:
+        fleet = _fleets.get(app)
+        if fleet is None:
+            fleet = Fleet.from_settings(settings or load_settings(CoordinatorSettings), app)
+            _configure(app, fleet)
+            _fleets[app] = fleet
+    if make_default:
+        app.set_default()
+    return fleet
+
+
+def _task_lookup(app: Celery) -> Callable[[str], object]:
+    # Weak: the router must not keep its app alive (the fleets map holds apps weakly).
+    ref = weakref.ref(app)
+
+    def lookup(name: str) -> object:
+        found = ref()
+        try:
+            return None if found is None else found.tasks.get(name)
+        except RuntimeError:  # autofinalize=False, not finalized: as Celery, do not force it
+            return None
+
+    return lookup
+
+
+def find_fleet(app: Celery) -> Fleet | None:
+    """The fleet ``app`` was installed with, if any."""
+    return _fleets.get(app)
+
+
+def fleet_of(app: Celery) -> Fleet:
+    """The fleet ``app`` was installed with.
+
+    Raises:
+        ConfigError: ``app`` is not a fleet app.
+    """
+    fleet = _fleets.get(app)
+    if fleet is None:
+        raise ConfigError(f"Celery app {app.main!r} is not a fleet app: coordinator.install(app)")
+    return fleet
 
 
 def create_app(
     settings: CoordinatorSettings, *, main: str = "worker_tasks", set_as_current: bool = True
-) -> FleetApp:
-    """A fleet app for a process that sends tasks (see :meth:`FleetApp.from_settings`)."""
-    return FleetApp.from_settings(settings, main=main, set_as_current=set_as_current)
+) -> Celery:
+    """A new fleet app for ``settings`` (``set_as_current``: also Celery's current and
+    default app)."""
+    app = Celery(main, set_as_current=set_as_current)
+    install(app, settings, make_default=set_as_current)
+    return app
 
 
-def _configure(app: FleetApp, settings: CoordinatorSettings) -> None:
+def _configure(app: Celery, fleet: Fleet) -> None:
+    settings = fleet.settings
+    routes = app.conf.task_routes
+    own_routes = () if routes is None else routes if isinstance(routes, list | tuple) else (routes,)
+    imports = tuple(app.conf.imports or ())
     app.conf.update(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        imports=(*imports, *(m for m in WORKER_MODULES if m not in imports)),
         # JSON only: a pickled message would run code chosen by whoever can write to Redis.
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_routes=(app.router,),
+        task_routes=(fleet.router, *own_routes),
         task_default_queue=settings.keys.default_queue,
         # Remote control (revoke, inspect, refresh) on the fleet's own exchange: one Redis
         # may host several fleets, and a revoke must reach this one only.
@@ -133,20 +206,20 @@ def _configure(app: FleetApp, settings: CoordinatorSettings) -> None:
     )
 
 
-_default: FleetApp | None = None
+_default: Celery | None = None
 _default_lock = threading.Lock()
 
 
-def default_app() -> FleetApp:
+def default_app() -> Celery:
     """The fleet app of this process: Celery's current app when it is a fleet app (a worker's,
-    or one the application built), else one built once from the environment.
+    or one the application installed), else one built once from the environment.
 
     The one built here is made Celery's default app, so that a task sent from any thread
     finds it rather than Celery's fallback app (broker ``amqp://localhost``, no router).
     """
     global _default
     current = app_or_default()
-    if isinstance(current, FleetApp):
+    if current in _fleets:
         return current
     with _default_lock:
         if _default is None:

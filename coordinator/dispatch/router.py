@@ -8,17 +8,24 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis
+from celery import signals
 
-from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.keys import Keys
+from coordinator.core.task_spec import TaskSpec
 from coordinator.fleet import counters
-from coordinator.fleet.claims import CLAIM_HEADER, Claim, ClaimBuffer, claim_header, new_claim_id
+from coordinator.fleet.claims import (
+    CLAIM_HEADER,
+    Claim,
+    ClaimBuffer,
+    claim_header,
+    new_claim_id,
+    parse_claim,
+)
 from coordinator.fleet.registry import Registry, Snapshot
 from coordinator.routing import Breakdown, CostPolicy, Policy
 from coordinator.routing.decisions import Outcome
@@ -33,12 +40,24 @@ KEPT_CANDIDATES: Final = 5
 """Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
 
 WARN_EVERY_S: Final = 10.0
+UNSENT_KEPT_S: Final = 60.0
+"""A claim whose message is not published this long after routing never will be."""
+
+Unsent = tuple[Claim, str | None, Iterable[tuple[str, str, float]], float]
+"""A routed message's claim, decision and counts, kept until it is published; and when it
+was routed."""
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one task goes, and whose in-flight count it was added to, under which claim id
-    (``None``: nobody's)."""
+    """Where one task goes, and whose in-flight count it adds to, under which claim id
+    (``None``: nobody's).
+
+    The claim counts in this router's view at once, and in the fleet's (Redis) once the
+    message is published: Celery's ``after_task_publish`` confirms it, or the publisher
+    calls :meth:`FleetRouter.confirm`. A message that could not be published (an argument
+    JSON cannot encode, a broker down) thus leaves no claim behind.
+    """
 
     queue: str
     worker_id: str | None
@@ -87,6 +106,9 @@ class FleetRouter:
     """A lease is void this long after its load should be done (see :func:`lease_grace_s`)."""
     claim_lapse_s: float = 3600.0
     """A claim whose message nothing releases (lost) stops counting after this long."""
+    local_task: Callable[[str], object] = lambda name: None
+    """This process's task of that name, if any (:func:`coordinator.install` looks in the
+    app): Celery passes no task to a router for ``send_task`` on an app not finalized."""
     demand: Demand = field(default_factory=Demand)
     """The models this router has been asked for: a policy may add copies of the busy
     ones (each publisher sees its own share of the demand)."""
@@ -103,11 +125,16 @@ class FleetRouter:
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _calls: threading.local = field(default_factory=threading.local, init=False, repr=False)
-    """The claim the router protocol took in this thread, for :meth:`publishing`."""
+    _specs: dict[str, TaskSpec | None] = field(default_factory=dict, init=False, repr=False)
+    _fleet_specs: dict[str, TaskSpec] = field(default_factory=dict, init=False, repr=False)
+    _fleet_specs_at: float = field(default=float("-inf"), init=False, repr=False)
+    _unsent: dict[str, Unsent] = field(default_factory=dict, init=False, repr=False)
+    _unsent_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
+        # Weak: the signal must not keep a discarded router (a test's, a CLI's) alive.
+        signals.after_task_publish.connect(self._published, weak=True)
 
     @property
     def keys(self) -> Keys:
@@ -123,36 +150,61 @@ class FleetRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        """Celery's router protocol: a route for model tasks, ``None`` for everything else."""
-        spec = task_spec(name)
-        if spec is None or options.get("queue"):
-            return None  # not ours, or the caller chose a queue: theirs wins
-        route = self.route(name, spec.service, detect_required_model(name, kwargs))
+        """Celery's router protocol: a route for tasks that declare a ``service``, ``None``
+        for everything else."""
+        if options.get("queue"):
+            return None  # the caller chose a queue: theirs wins
+        spec = self.task_spec(name, task)
+        if spec is None:
+            return None
+        route = self.route(name, spec.service, spec.model(args, kwargs))
         # The caller's options win over a route's keys, headers included, so the claim goes
         # into the options' headers: a new dict, because the caller may send its own again.
         headers = {k: v for k, v in (options.get("headers") or {}).items() if k != CLAIM_HEADER}
         if route.claim is not None:
             headers[CLAIM_HEADER] = claim_header(route.claim)
         options["headers"] = headers
-        self._calls.claim = route.claim
         return {"queue": route.queue}
 
-    @contextmanager
-    def publishing(self) -> Iterator[None]:
-        """Around one publish (:meth:`FleetApp.send_task`): when it raises (an argument JSON
-        cannot encode, a broker down), the claim its route took is given back, since no
-        message carries it."""
-        self._calls.claim = None
-        try:
-            yield
-        except BaseException:
-            claim, self._calls.claim = getattr(self._calls, "claim", None), None
+    def task_spec(self, name: str, task: object = None) -> TaskSpec | None:
+        """What task ``name`` declares: on ``task`` (Celery passes the registered task), else,
+        for a task this process does not have, as the fleet's workers declared it.
+
+        Raises:
+            ConfigError: the task declares a spec that is not one.
+        """
+        if name in self._specs:
+            return self._specs[name]
+        task = task if task is not None else self.local_task(name)
+        if task is not None:
+            spec = self._specs[name] = TaskSpec.of(task)
+            return spec
+        now = self.clock()
+        if now - self._fleet_specs_at >= self.refresh_s:
+            self._fleet_specs_at = now
+            try:
+                self._fleet_specs = self.registry.task_specs()
+            except redis.RedisError as exc:  # sent unrouted: a worker routes it on
+                self._warn("specs", "task specs not read (%s): %s", type(exc).__name__, exc)
+        return self._fleet_specs.get(name)
+
+    def confirm(self, claim_id: str | None) -> None:
+        """Write the claim of a message now published (see :class:`Route`); a claim whose
+        message was never published is dropped after :data:`UNSENT_KEPT_S`."""
+        if claim_id is None:
+            return
+        with self._unsent_lock:
+            unsent = self._unsent.pop(claim_id, None)
+        if unsent is not None:
+            self.claims.add(*unsent[:3])
+
+    def _published(self, headers: Mapping[str, Any] | None = None, **_: Any) -> None:
+        # Celery's after_task_publish, sent in the publishing thread once the broker took
+        # the message: only then does its claim count.
+        if self._unsent:
+            claim = parse_claim((headers or {}).get(CLAIM_HEADER))
             if claim is not None:
-                try:
-                    self.claims.cancel(claim)
-                except redis.RedisError as exc:  # it lapses; the caller's error matters more
-                    log.warning("could not give back the claim of an unsent task: %s", exc)
-            raise
+                self.confirm(claim[1])
 
     def route(
         self, task: str, service: str, model: str | None, exclude: frozenset[str] = frozenset()
@@ -212,7 +264,8 @@ class FleetRouter:
         latency_s = time.perf_counter() - started
         counts = counters.routed(self.keys, winner.worker_id, service, hit, latency_s)
         claim = (winner.worker_id, new_claim_id())
-        self.claims.add(claim, decision, counts)
+        with self._unsent_lock:
+            self._unsent[claim[1]] = (claim, decision, counts, now)
         log.info(
             "routed %s (model %s) to %s, %s %.3f, best of %d",
             task,
@@ -328,6 +381,9 @@ class FleetRouter:
         return result.granted
 
     def _refresh(self, now: float) -> None:
+        with self._unsent_lock:
+            for claim_id in [k for k, v in self._unsent.items() if now - v[3] > UNSENT_KEPT_S]:
+                del self._unsent[claim_id]
         self.claims.flush()
         snapshot = self.registry.snapshot(self.wall_clock())
         # Claims still buffered (Redis refused the flush) are part of the load all the same.

@@ -120,16 +120,6 @@ class ClaimBuffer:
         with self._lock:
             return {worker_id: len(ids) for worker_id, ids in self._claims.items()}
 
-    def cancel(self, claim: Claim) -> None:
-        """Take back a claim whose message did not go where it said (a reaper that lost the
-        race for it): dropped here when not written yet, else released in Redis."""
-        with self._lock:
-            ids = self._claims.get(claim[0], [])
-            if claim[1] in ids:
-                ids.remove(claim[1])
-                return
-        self.registry.release(*claim, lapse_s=self.lapse_s)
-
     def flush(self) -> dict[str, int] | None:
         """Write everything buffered in one command; returns the written workers' counts.
 

@@ -1,5 +1,5 @@
 """The fleet registry in Redis: heartbeats with a TTL, in-flight counts, model-load leases,
-recent decisions."""
+recent decisions, the routed tasks' specs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import redis
 from coordinator.core.errors import HeartbeatError
 from coordinator.core.heartbeat import MAX_ACTIVE, MAX_REASON, Heartbeat, parse_heartbeat
 from coordinator.core.keys import Keys
+from coordinator.core.task_spec import TaskSpec
 from coordinator.fleet.lua import lua_script
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,11 @@ class Registry:
         holders = {str(worker): _ready_at(str(ready), now) for worker, ready in pairs}
         return LeaseResult(bool(int(flat[0])), holders)
 
+    def drop_lease(self, model: str, worker_id: str) -> None:
+        """End ``worker_id``'s lease on loading ``model``: the load is not going to happen
+        (no server has the model to give), and the worker must not look busy loading it."""
+        self.client.hdel(self.keys.leases, lease_field(model, worker_id))
+
     def release(self, worker_id: str, claim_id: str, lapse_s: float = 3600.0) -> bool:
         """The message claimed as ``claim_id`` for ``worker_id`` is done with. Exactly once:
         a second release changes nothing, and a release that comes before the claim is
@@ -327,6 +333,21 @@ class Registry:
         ]
         if stale:
             self.client.hdel(key, *stale)
+
+    def publish_task_specs(self, specs: Mapping[str, TaskSpec]) -> None:
+        """Declare the routed tasks a worker runs (each worker writes the same for its code)."""
+        if specs:
+            self.client.hset(self.keys.tasks, mapping={n: s.as_json() for n, s in specs.items()})
+
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """The routed tasks the fleet's workers declared; a malformed entry is skipped."""
+        specs = {}
+        for name, raw in self.client.hgetall(self.keys.tasks).items():
+            try:
+                specs[str(name)] = TaskSpec.from_json(raw)
+            except ValueError as exc:
+                log.warning("skipping the spec of task %.128r: %s", name, exc)
+        return specs
 
     def recent_decisions(self, limit: int = 50) -> Sequence[str]:
         """The newest ``limit`` decisions as stored (JSON), newest first."""

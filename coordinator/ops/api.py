@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 import uvicorn
+from celery import Celery
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends as DependsParam
@@ -30,7 +31,7 @@ from kombu.exceptions import OperationalError
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.app import FleetApp, create_app
+from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.fleet.registry import redact_url
 from coordinator.ops.api_routes import (
     MAX_CONCURRENT_BROADCASTS,
@@ -98,7 +99,7 @@ class TokenGuard:
             )
 
 
-def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
+def create_api(app: Celery, *, token: str | None) -> FastAPI:
     """The HTTP API over ``app``'s registry and broker; docs at ``/docs``.
 
     ``token`` ``None`` leaves every endpoint open (:func:`serve` then binds to loopback).
@@ -115,10 +116,11 @@ def create_api(app: FleetApp, *, token: str | None) -> FastAPI:
     # A middleware, not a dependency: it runs before routing, so an oversized body is refused
     # (413) before the token is even looked at, and before anything reads the body.
     api.middleware("http")(_refuse_oversized_body)
-    _install_error_handlers(api, app.settings)
-    api.include_router(health_router(app))
+    fleet = fleet_of(app)
+    _install_error_handlers(api, fleet.settings)
+    api.include_router(health_router(fleet))
     guard = _token_dependencies(token)
-    for router in (admin_router(app), broadcast_router(app), metrics_router(app)):
+    for router in (admin_router(fleet), broadcast_router(app), metrics_router(fleet)):
         api.include_router(router, dependencies=guard)
     return api
 
@@ -210,7 +212,7 @@ def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int =
     # tasks without one more process to deploy.
     stop = threading.Event()
     reaper = threading.Thread(
-        target=Reaper(app, settings.grace_s).run,
+        target=Reaper(fleet_of(app), settings.grace_s).run,
         args=(settings.heartbeat_interval_s, stop),
         name="reaper",
         daemon=True,
@@ -220,4 +222,4 @@ def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int =
         uvicorn.run(create_api(app, token=token), host=host, port=port)
     finally:
         stop.set()
-        app.close()
+        fleet_of(app).close()

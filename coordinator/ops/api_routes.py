@@ -11,6 +11,7 @@ import threading
 from typing import Annotated, Any
 
 import redis
+from celery import Celery
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.broadcast.client import BroadcastResult, broadcast
 from coordinator.core.errors import JobError
-from coordinator.dispatch.app import FleetApp
+from coordinator.dispatch.app import Fleet, fleet_of
 from coordinator.ops import admin
 from coordinator.ops.admin import ServiceView, WorkerView
 from coordinator.ops.metrics import FleetCollector
@@ -58,7 +59,7 @@ class BroadcastRequest(BaseModel):
     timeout_s: float = Field(default=300.0, gt=0.0, le=3600.0)
 
 
-def health_router(app: FleetApp) -> APIRouter:
+def health_router(fleet: Fleet) -> APIRouter:
     """``/healthz``, the one endpoint a load balancer may call without the token."""
     router = APIRouter()
 
@@ -67,7 +68,7 @@ def health_router(app: FleetApp) -> APIRouter:
         """``{"status": "ok", "redis": true}``; 503 ``unavailable`` when the registry's
         Redis does not answer. Never needs the token."""
         try:
-            up = bool(app.registry.client.ping())
+            up = bool(fleet.registry.client.ping())
         except redis.RedisError:
             up = False
         return JSONResponse(
@@ -78,30 +79,31 @@ def health_router(app: FleetApp) -> APIRouter:
     return router
 
 
-def admin_router(app: FleetApp) -> APIRouter:
+def admin_router(fleet: Fleet) -> APIRouter:
     """The fleet views the CLI shows (:mod:`coordinator.ops.admin`), as JSON."""
     router = APIRouter()
 
     @router.get("/api/admin/workers", response_model=WorkersResponse, tags=["admin"])
     def workers() -> dict[str, Any]:
         """Every live worker (its last heartbeat and in-flight count), by id."""
-        return {"workers": admin.as_json(admin.workers(app.registry))}
+        return {"workers": admin.as_json(admin.workers(fleet.registry))}
 
     @router.get("/api/admin/services", response_model=ServicesResponse, tags=["admin"])
     def services() -> dict[str, Any]:
         """Each service offered by a live worker, with its workers, by name."""
-        return {"services": admin.as_json(admin.services(app.registry.live_workers()))}
+        return {"services": admin.as_json(admin.services(fleet.registry.live_workers()))}
 
     @router.get("/api/admin/decisions", response_model=DecisionsResponse, tags=["admin"])
     def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
         """The newest ``limit`` routing decisions, newest first."""
-        return {"decisions": admin.as_json(admin.decisions(app.registry, limit))}
+        return {"decisions": admin.as_json(admin.decisions(fleet.registry, limit))}
 
     return router
 
 
-def broadcast_router(app: FleetApp) -> APIRouter:
+def broadcast_router(app: Celery) -> APIRouter:
     """``POST /api/coordinator/broadcast-job``, at most ``MAX_CONCURRENT_BROADCASTS`` at once."""
+    fleet_of(app)  # a fleet app, or a clear error now rather than at the first broadcast
     router = APIRouter()
     in_flight = threading.BoundedSemaphore(MAX_CONCURRENT_BROADCASTS)
 
@@ -136,10 +138,10 @@ def broadcast_router(app: FleetApp) -> APIRouter:
     return router
 
 
-def metrics_router(app: FleetApp) -> APIRouter:
+def metrics_router(fleet: Fleet) -> APIRouter:
     """``/metrics`` for Prometheus, from a registry of its own (not the process-wide one)."""
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(FleetCollector(app.registry))
+    metrics.register(FleetCollector(fleet.registry))
     router = APIRouter()
 
     @router.get("/metrics", tags=["metrics"], response_class=Response)

@@ -32,15 +32,14 @@ import redis
 
 from coordinator.broadcast.client import RUN_JOB, select_recipients
 from coordinator.broadcast.job_types import JOB_TYPES
-from coordinator.core.catalog import detect_required_model, task_spec
 from coordinator.core.heartbeat import Heartbeat
+from coordinator.dispatch.app import Fleet
 from coordinator.dispatch.router import Route
 from coordinator.fleet.claims import CLAIM_HEADER, claim_header
 from coordinator.fleet.lua import lua_script
 
 if TYPE_CHECKING:
     from coordinator.core.settings import CoordinatorSettings
-    from coordinator.dispatch.app import FleetApp
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class ReapReport:
 class Reaper:
     """Finds dead workers and moves their messages; one :meth:`scan` per interval."""
 
-    app: FleetApp
+    fleet: Fleet
     grace_s: float
     clock: Callable[[], float] = time.monotonic
     move_delay_s: float = 0.0
@@ -73,7 +72,7 @@ class Reaper:
     _reachable_since: float | None = None
 
     def __post_init__(self) -> None:
-        client = self.app.registry.client
+        client = self.fleet.registry.client
         self._move_queued = client.register_script(lua_script("move_queued"))
         self._move_unacked = client.register_script(lua_script("move_unacked"))
 
@@ -85,7 +84,7 @@ class Reaper:
         an outage of Redis (when no worker could heartbeat) everyone gets a fresh grace.
         """
         now = self.clock()
-        registry = self.app.registry
+        registry = self.fleet.registry
         try:
             known = registry.known_workers()
             live = {hb.worker_id for hb in registry.live_workers()}
@@ -112,12 +111,12 @@ class Reaper:
     def reap(self, worker_id: str, queue: str) -> ReapReport:
         """Move everything of a dead worker: its unacknowledged messages, then its queue."""
         report = ReapReport(worker_id)
-        client = self.app.registry.client
+        client = self.fleet.registry.client
         # The router's snapshot may be older than the heartbeat's expiry: it could still
         # list the dead worker and send its messages straight back.
-        self.app.router.refresh()
-        self._live = self.app.registry.live_workers()
-        for tag, entry in client.hscan_iter(self.app.settings.keys.unacked):
+        self.fleet.router.refresh()
+        self._live = self.fleet.registry.live_workers()
+        for tag, entry in client.hscan_iter(self.fleet.keys.unacked):
             try:
                 payload, _, routing_key = json.loads(entry)
             except (ValueError, TypeError):
@@ -132,8 +131,8 @@ class Reaper:
                 log.warning("reaper: unreadable message in %s left in place", queue)
                 continue
             self._move(report, payload, old=str(raw), source=queue)
-        self.app.router.claims.flush()
-        self.app.registry.forget(worker_id)
+        self.fleet.router.claims.flush()
+        self.fleet.registry.forget(worker_id)
         log.warning(
             "reaped dead worker %s: moved %s, dropped %d replicated broadcast job(s) %s",
             worker_id,
@@ -166,31 +165,29 @@ class Reaper:
         if self.move_delay_s:
             time.sleep(self.move_delay_s)
         if tag is not None:
-            keys = self.app.settings.keys
+            keys = self.fleet.keys
             moved = self._move_unacked(
                 keys=[keys.unacked, keys.unacked_index, queue], args=[tag, old, new]
             )
         else:
             moved = self._move_queued(keys=[source, queue], args=[old, new])
         if moved != 1:
-            report.lost_race += 1
-            if target is not None and target.claim is not None:
-                self.app.router.claims.cancel(target.claim)  # not ours to move after all
+            report.lost_race += 1  # not ours to move after all: its claim is never confirmed
             return
         if target is None:
             report.dropped.append(str(payload.get("headers", {}).get("id")))
         else:
+            self.fleet.router.confirm(target.claim_id)
             report.moved[target.queue] = report.moved.get(target.queue, 0) + 1
 
     def _target(self, payload: dict[str, Any]) -> Route | None:
         """Where a dead worker's message goes; ``None`` drops it."""
         headers = payload.get("headers") or {}
         task = str(headers.get("task", ""))
-        keys = self.app.settings.keys
-        spec = task_spec(task)
+        keys = self.fleet.keys
+        spec = self.fleet.router.task_spec(task)
         if spec is not None:
-            kwargs = _body(payload)[1]
-            return self.app.router.route(task, spec.service, detect_required_model(task, kwargs))
+            return self.fleet.router.route(task, spec.service, spec.model(*_body(payload)))
         if task == RUN_JOB:
             args = _body(payload)[0]
             job = JOB_TYPES.get(args[0]) if args else None
@@ -234,16 +231,14 @@ def _rewrite(payload: dict[str, Any], target: Route | None) -> str:
 def run_reaper(settings: CoordinatorSettings, *, interval_s: float | None = None) -> None:
     """``coordinator reaper``: scan every ``interval_s`` (default: the heartbeat interval)
     until interrupted."""
-    from coordinator.dispatch.app import create_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    app = create_app(settings, main="reaper")
+    fleet = Fleet.from_settings(settings)
     stop = threading.Event()
     log.info("reaper watching namespace %s", settings.namespace)
     try:
-        Reaper(app, settings.grace_s).run(interval_s or settings.heartbeat_interval_s, stop)
+        Reaper(fleet, settings.grace_s).run(interval_s or settings.heartbeat_interval_s, stop)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
-        app.close()
+        fleet.close()

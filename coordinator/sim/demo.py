@@ -1,8 +1,9 @@
 """``coordinator demo``: a three-worker fleet on this machine, a mixed batch, and a report.
 
 Everything it starts it stops again, also on Ctrl-C: a private Redis when none is
-configured or answering, one SIMULATED Ollama per worker (unless a real Ollama answers at
-``OLLAMA_URL``), three real ``celery worker`` processes, and Flower with ``--flower``.
+configured or answering, SIMULATED model servers of three kinds (Ollama, vLLM, TEI: see
+:mod:`.demo_fleet`; a real Ollama answering at ``OLLAMA_URL`` stands in for the simulated
+Ollamas), three real ``celery worker`` processes, and Flower with ``--flower``.
 """
 
 from __future__ import annotations
@@ -20,44 +21,31 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import httpx
 import redis
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from coordinator.broadcast.client import broadcast
-from coordinator.core.catalog import EMBED, GENERATE, OCR
 from coordinator.core.settings import CoordinatorSettings
+from coordinator.core.task_spec import EMBED, GENERATE, OCR
+from coordinator.dispatch.app import fleet_of
 from coordinator.ops import admin
 from coordinator.ops.render import breakdown_table
+from coordinator.sim.demo_fleet import (
+    FLEET,
+    LOAD_DELAY_S,
+    SERVER_LABELS,
+    DemoWorker,
+    ModelServers,
+    start_model_servers,
+)
 
-LOAD_DELAY_S: Final = 3.0
-"""How long the simulated servers take to load a model that is on disk but not in memory."""
 WAIT_S: Final = 45.0
 IMAGE: Final = base64.b64encode(b"\x89PNG simulated scan of an invoice").decode()
-
-
-@dataclass(frozen=True)
-class DemoWorker:
-    """One worker of the demo fleet and what its model server starts with."""
-
-    worker_id: str
-    tier: str
-    specialization: str
-    in_memory: str
-    on_disk: tuple[str, ...]
-
-
-FLEET: Final = (
-    DemoWorker("gpu-ocr", "gpu", "ocr", "llama-vision", ("llama-vision", "nomic-embed-text")),
-    DemoWorker("gpu-vllm", "gpu", "vllm", "llama3.2", ("llama3.2", "nomic-embed-text")),
-    DemoWorker("cpu-1", "cpu", "", "nomic-embed-text", ("nomic-embed-text",)),
-)
 BATCH: Final = ((OCR, (IMAGE,), "llama-vision"), (GENERATE, ("Summarise the invoice.",),
     "llama3.2"), (EMBED, (["invoice line 1", "invoice line 2"],), "nomic-embed-text"))  # fmt: skip
 
@@ -66,13 +54,6 @@ def _answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except (redis.RedisError, ValueError):
-        return False
-
-
-def _real_ollama(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/api/version", timeout=0.5).status_code == 200
-    except httpx.HTTPError:
         return False
 
 
@@ -175,18 +156,16 @@ def _run(
 ) -> None:
     redis_url = _choose_redis(console, stack, namespace, workdir, embedded)
     app = _open_app(stack, redis_url, namespace)
-    ollama_url, servers = _start_model_servers(console, stack)
-    procs = _start_workers(stack, workdir, redis_url, namespace, ollama_url, servers)
+    servers = start_model_servers(console, stack)
+    procs = _start_workers(stack, workdir, redis_url, namespace, servers)
     if flower:
         _start_flower(stack, redis_url, namespace, flower_port)
     with console.status("starting 3 celery workers ..."):
-        _wait_for_fleet(app.registry, procs, workdir)
+        _wait_for_fleet(fleet_of(app).registry, procs, workdir)
     console.print(f"Workers: {', '.join(procs)} (logs in {workdir})")
 
     sent, ran, batch_s = _send_batch(console, app, tasks)
-    # Each simulated server started with one model in memory; every other one it holds now
-    # was loaded for this batch.
-    loads = sum(len(s.loaded_models()) - 1 for s in servers.values()) if servers else None
+    loads = servers.loads()
     warm = broadcast("warm_model", {"model": "llama3.2"}, timeout_s=30, app=app)
     _report(console, app, sent, ran, batch_s, loads, warm)
     if flower:
@@ -222,10 +201,10 @@ def _open_app(stack: contextlib.ExitStack, redis_url: str, namespace: str) -> An
         redis_url=redis_url, namespace=namespace, heartbeat_interval_s=2, routing_seed=1
     )
     app = create_app(settings, main="demo")
-    stack.callback(app.close)
+    stack.callback(fleet_of(app).close)
 
     def forget_keys() -> None:
-        client = app.registry.client
+        client = fleet_of(app).registry.client
         for key in client.scan_iter(match=f"*{namespace}*", count=1000):
             client.unlink(key)
 
@@ -233,47 +212,17 @@ def _open_app(stack: contextlib.ExitStack, redis_url: str, namespace: str) -> An
     return app
 
 
-def _start_model_servers(
-    console: Console, stack: contextlib.ExitStack
-) -> tuple[str, dict[str, Any]]:
-    """The real Ollama's URL when one answers (and no servers), else a simulated server per
-    worker, by worker id."""
-    from coordinator.sim.servers.ollama import SimulatedModelServer
-
-    ollama_url = os.environ.get("OLLAMA_URL", "http://localhost:11434")
-    servers: dict[str, Any] = {}
-    if _real_ollama(ollama_url):
-        console.print(f"Model server: the real Ollama at {ollama_url}, for every worker")
-        return ollama_url, servers
-    console.print(
-        f"Model servers: [bold yellow]SIMULATED[/] Ollama, one per worker "
-        f"(loading a model takes {LOAD_DELAY_S:.0f} s; no model runs)"
-    )
-    for w in FLEET:
-        server = SimulatedModelServer(
-            w.worker_id,
-            list(w.on_disk),
-            models_in_memory=[w.in_memory],
-            load_delay_s=LOAD_DELAY_S,
-        ).start()
-        stack.callback(server.stop)
-        servers[w.worker_id] = server
-    return ollama_url, servers
-
-
 def _start_workers(
     stack: contextlib.ExitStack,
     workdir: Path,
     redis_url: str,
     namespace: str,
-    ollama_url: str,
-    servers: dict[str, Any],
+    servers: ModelServers,
 ) -> dict[str, subprocess.Popen[bytes]]:
     """One ``celery worker`` process per :data:`FLEET` worker, logging to ``workdir``."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for w in FLEET:
-        url = servers[w.worker_id].url if servers else ollama_url
-        env = _worker_env(w, redis_url, namespace, url)
+        env = _worker_env(w, redis_url, namespace, servers.env[w.worker_id])
         command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "worker", "-l", "INFO"]
         command += ["-n", f"{w.worker_id}@%h", "-P", "threads", "-c", "2", "--without-mingle"]
         with (workdir / f"{w.worker_id}.log").open("wb") as log:
@@ -283,7 +232,9 @@ def _start_workers(
     return procs
 
 
-def _worker_env(w: DemoWorker, redis_url: str, namespace: str, model_url: str) -> dict[str, str]:
+def _worker_env(
+    w: DemoWorker, redis_url: str, namespace: str, model_servers: dict[str, str]
+) -> dict[str, str]:
     return {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -292,9 +243,7 @@ def _worker_env(w: DemoWorker, redis_url: str, namespace: str, model_url: str) -
         "WORKER_ID": w.worker_id,
         "WORKER_TIER": w.tier,
         "WORKER_SPECIALIZATION": w.specialization,
-        "OLLAMA_URL": model_url,
-        "EMBEDDINGS_URL": model_url,
-        "OCR_URL": model_url,
+        **model_servers,
     }
 
 
@@ -333,7 +282,10 @@ def _send_batch(
 
 
 def _round_robin_loads(sent: list[tuple[str, tuple[Any, ...], str]]) -> int:
-    """Model loads (or downloads) the same batch would have cost sent round-robin."""
+    """Model loads (or downloads) the same batch would have cost sent round-robin.
+
+    vLLM and TEI load no other model: there a task for one fails and goes elsewhere,
+    counted here as one load all the same."""
     loaded = {w.worker_id: {w.in_memory} for w in FLEET}
     loads = 0
     for i, (_, _, model) in enumerate(sent):
@@ -362,16 +314,16 @@ def _report(
             failed += 1
     table = Table(title=f"Who ran what ({len(sent)} tasks in {batch_s:.1f} s, {failed} failed)")
     table.add_column("worker")
+    table.add_column("model servers")
     for kind in ("ocr", "generate", "embed"):
         table.add_column(kind, justify="right")
     for w in FLEET:
-        table.add_row(
-            w.worker_id, *(str(per_worker[w.worker_id, k]) for k in ("ocr", "generate", "embed"))
-        )
+        counts = (str(per_worker[w.worker_id, k]) for k in ("ocr", "generate", "embed"))
+        table.add_row(w.worker_id, SERVER_LABELS[w.server], *counts)
     console.print(table)
 
     shown: set[str] = set()
-    for decision in admin.decisions(app.registry, 200):
+    for decision in admin.decisions(fleet_of(app).registry, 200):
         if decision.task in shown or decision.outcome != "routed":
             continue
         shown.add(decision.task)

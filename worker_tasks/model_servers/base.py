@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import httpx
 
-from coordinator.core.catalog import normalize_model
 from coordinator.core.errors import (
     ServiceError,
     ServiceUnavailableError,
@@ -16,6 +15,7 @@ from coordinator.core.errors import (
 )
 from coordinator.core.heartbeat import MAX_MODELS, ServerLoad
 from coordinator.core.settings import Endpoint
+from coordinator.core.task_spec import normalize_model
 
 MAX_NAME = 128
 """The heartbeat's limit on a model name: a longer one could not be reported."""
@@ -91,3 +91,11 @@ class Backend(ABC):
     ) -> dict[str, Any]:
         """``{"embeddings": [[float, ...], ...]}``, one per text, in order."""
         raise ServiceError(endpoint.url, f"the {self.api} API serves no embeddings")
+
+    can_pull: ClassVar[bool] = False
+    """Whether the server downloads a model it is asked to (Ollama); the others serve what
+    they were started with."""
+
+    def pull(self, client: httpx.Client, endpoint: Endpoint, model: str) -> None:
+        """Download ``model`` onto the server, logging its progress."""
+        raise ServiceError(endpoint.url, f"the {self.api} API cannot download {model!r}")

@@ -9,6 +9,8 @@ are the router's, to another worker.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -59,6 +61,35 @@ def request_json(
         return response.json()
     except ValueError:
         raise ServiceError(url, f"answer is not JSON: {response.text[:200]!r}") from None
+
+
+def stream_lines(
+    client: httpx.Client, method: str, url: str, body: object, *, api_key: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """``method url`` answered with one JSON object per line (Ollama's streams), as they come;
+    errors as :func:`request_json`'s."""
+    try:
+        with client.stream(method, url, json=body, headers=headers(api_key)) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _http_error(url, response)
+            for line in response.iter_lines():
+                if line.strip():
+                    yield _object_line(url, line)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise ServiceUnreachableError(url, f"{type(exc).__name__}: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailableError(url, f"{type(exc).__name__}: {exc}") from None
+
+
+def _object_line(url: str, line: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(line)
+    except ValueError:
+        raise ServiceError(url, f"a line is not JSON: {line[:200]!r}") from None
+    if not isinstance(payload, dict):
+        raise ServiceError(url, f"expected a JSON object per line, got {line[:200]!r}")
+    return payload
 
 
 def _http_error(url: str, response: httpx.Response) -> ServiceError:

@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple
 
 import httpx
 
-from coordinator.core.errors import ServiceError
+from coordinator.core.errors import ModelNotFoundError, ServiceError, ServiceUnavailableError
 from coordinator.core.heartbeat import MAX_MODELS
 from coordinator.core.settings import Endpoint
 from worker_tasks.model_servers.base import Backend, ServerState, down, model_name
-from worker_tasks.model_servers.http import request_json, request_object, vectors
+from worker_tasks.model_servers.http import request_json, request_object, stream_lines, vectors
+
+log = logging.getLogger(__name__)
 
 MAX_BYTES = 2**50
 """The heartbeat's limit on a model size."""
@@ -122,7 +127,53 @@ class OllamaBackend(Backend):
             body["keep_alive"] = keep_alive
         request_json(client, "POST", f"{endpoint.url}/api/generate", body)
 
+    can_pull = True
+
     def pull(self, client: httpx.Client, endpoint: Endpoint, model: str) -> None:
-        """Download ``model`` (``POST /api/pull``, waiting for the end)."""
+        """Download ``model`` (``POST /api/pull``), its progress in the worker's log.
+
+        Raises:
+            ModelNotFoundError: no registry Ollama pulls from has the model.
+        """
         url = f"{endpoint.url}/api/pull"
-        request_json(client, "POST", url, {"model": model, "stream": False})
+        progress = _PullProgress(model)
+        body = {"model": model, "stream": True}
+        for line in stream_lines(client, "POST", url, body, api_key=endpoint.api_key):
+            if "error" in line:  # a stream reports its failure in-band, after HTTP 200
+                raise _pull_error(url, model, str(line["error"]))
+            progress.update(line)
+        log.info("pulled %s in %.1f s", model, progress.elapsed_s)
+
+
+def _pull_error(url: str, model: str, error: str) -> ServiceError:
+    if "file does not exist" in error or "not found" in error:  # Ollama's words for it
+        return ModelNotFoundError(url, f"{model!r} cannot be pulled: {error[:300]}")
+    return ServiceUnavailableError(url, f"pulling {model!r} failed: {error[:300]}")
+
+
+@dataclass
+class _PullProgress:
+    """Logs a pull's steps, and its download at most every ``every_s``."""
+
+    model: str
+    every_s: float = 5.0
+    started: float = field(default_factory=time.monotonic)
+    _status: str = ""
+    _logged_at: float = -math.inf
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def update(self, line: dict[str, Any]) -> None:
+        status = str(line.get("status", ""))[:200]
+        total, completed = line.get("total"), line.get("completed")
+        now = time.monotonic()
+        if isinstance(total, int) and isinstance(completed, int) and total > 0:
+            if status == self._status and now - self._logged_at < self.every_s:
+                return
+            percent = 100 * completed / total
+            log.info("pulling %s: %s %.0f%% of %.2f GB", self.model, status, percent, total / 1e9)
+        elif status != self._status:
+            log.info("pulling %s: %s", self.model, status)
+        self._status, self._logged_at = status, now

@@ -1,10 +1,11 @@
-"""Simulated model servers for the demo, the tests and the benchmarks: no model runs.
+"""Simulated model servers for the demo, the tests and the benchmarks: no language model
+runs, but the embeddings are real ones, WordLlama's (:mod:`.embeddings`).
 
 :mod:`.ollama` speaks Ollama's API (its request checks and answer shapes are in
-:mod:`.ollama_payloads`). The parts another API (vLLM's, TEI's) would share are apart:
-:mod:`.base` is the public face of every simulated server, :mod:`.harness` serves its
-FastAPI app with uvicorn in a thread, with request counters and fault injection, and
-:mod:`.model_memory` keeps the models on disk and in memory.
+:mod:`.ollama_payloads`), :mod:`.openai_api` vLLM's and :mod:`.tei` TEI's. The parts they
+share are apart: :mod:`.base` is the public face of every simulated server, :mod:`.harness`
+serves its FastAPI app with uvicorn in a thread, with request counters and fault
+injection, and :mod:`.model_memory` keeps the models on disk and in memory.
 """
 
 from __future__ import annotations

@@ -5,14 +5,15 @@ It speaks the subset of Ollama's JSON API that this project relies on
 
 * ``GET /api/tags``, ``GET /api/ps``, ``GET /api/version``
 * ``POST /api/generate`` (NDJSON streaming when ``stream`` is missing or true, like Ollama)
-* ``POST /api/embed`` (deterministic, L2-normalised, hash-seeded vectors)
+* ``POST /api/embed`` (L2-normalised vectors: WordLlama's, real ones, see :mod:`.embeddings`)
 * ``POST /api/pull`` (NDJSON status lines unless ``"stream": false``)
 
 plus ``GET /health``, the health endpoint of this project's embedding and OCR services.
 
 Generated text is deterministic and echoes its inputs (``"[server] model: prompt"``) so tests
-and the demo can tell which server and model answered; embeddings are hashes of the text,
-not semantic. Token timings are simulated without sleeping, and so is a model load's
+and the demo can tell which server and model answered; embeddings are WordLlama's whatever
+the model, so close texts are near (with ``embedding_dim``, hashes of the text of that size
+instead). Token timings are simulated without sleeping, and so is a model load's
 ``size / load_bps``; only ``load_delay_s`` (model load) and the injected ``delay_s`` take real
 wall-clock time. Models never expire from memory on their own; with ``max_loaded``
 (Ollama's ``OLLAMA_MAX_LOADED_MODELS``) loading one more evicts the least recently used,
@@ -47,6 +48,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 
 from coordinator.sim.servers.base import SimulatedServer
+from coordinator.sim.servers.embeddings import vectors
 from coordinator.sim.servers.harness import (
     Harness,
     JSONObject,
@@ -64,7 +66,6 @@ from coordinator.sim.servers.ollama_payloads import (
     OLLAMA_VERSION,
     OllamaError,
     embed_inputs,
-    embedding,
     generate_timings,
     images,
     is_zero_keep_alive,
@@ -213,7 +214,7 @@ async def _embed(request: Request) -> Response:
         200,
         {
             "model": model,
-            "embeddings": [embedding(text, server.embedding_dim) for text in texts],
+            "embeddings": vectors(texts, server.embedding_dim),
             "total_duration": elapsed_ns(request) + simulated_ns,
             "load_duration": load_ns,
             "prompt_eval_count": sum(word_count(text) for text in texts),
@@ -226,6 +227,15 @@ async def _pull(request: Request) -> Response:
     payload = await json_body(request)
     model = required_model(payload)
     stream = optional_bool(payload, "stream", default=True)
+    library = _server(request).library
+    if library is not None and model not in library:
+        # Ollama's answer: in-band after HTTP 200 when streaming, else a 500.
+        missing = {"error": "pull model manifest: file does not exist"}
+        return (
+            ndjson_response([{"status": "pulling manifest"}, missing])
+            if stream
+            else (json_response(500, missing))
+        )
     _server(request)._memory.add_to_disk(model)
     if not stream:
         return json_response(200, {"status": "success"})
@@ -277,15 +287,18 @@ class SimulatedModelServer(SimulatedServer):
     host: str = "127.0.0.1"
     port: int = 0
     load_delay_s: float = 0.0
-    embedding_dim: int = 8
+    embedding_dim: int | None = None
+    """None: WordLlama's vectors; a size: hash vectors of that size."""
     max_loaded: int | None = None
     load_bps: float | None = None
+    library: frozenset[str] | None = None
+    """The models a pull finds (Ollama's library); ``None``: any name."""
 
     _memory: ModelMemory = field(init=False, repr=False)
     _harness: Harness = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.embedding_dim < 1:
+        if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ValueError("embedding_dim must be at least 1")
         if self.load_delay_s < 0:
             raise ValueError("load_delay_s must not be negative")
@@ -343,7 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-loaded", type=int, default=None, help="models in memory at most (LRU evicted)"
     )
-    parser.add_argument("--embedding-dim", type=int, default=8)
+    parser.add_argument(
+        "--embedding-dim", type=int, default=None, help="hash vectors of this size, not WordLlama's"
+    )
     parser.add_argument("--fail-with", type=int, default=None, help="inject this HTTP status")
     parser.add_argument("--delay", type=float, default=0.0, help="inject this delay (s)")
     return parser

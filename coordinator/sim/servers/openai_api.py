@@ -1,5 +1,6 @@
 """A SIMULATED OpenAI-compatible server, as vLLM serves the API (or llama.cpp's
-``llama-server`` with ``--metrics``): no model runs here. For the demo and the tests.
+``llama-server`` with ``--metrics``): no language model runs here; embeddings are real
+ones, WordLlama's (:mod:`.embeddings`). For the demo and the tests.
 
 Routes (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html):
 
@@ -31,8 +32,9 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from coordinator.sim.servers.base import SimulatedServer
+from coordinator.sim.servers.embeddings import vectors
 from coordinator.sim.servers.harness import Harness, JSONObject, json_response
-from coordinator.sim.servers.ollama_payloads import embedding, word_count
+from coordinator.sim.servers.ollama_payloads import word_count
 
 _router = APIRouter()
 
@@ -128,11 +130,8 @@ async def _embeddings(request: Request) -> Response:
     texts = [given] if isinstance(given, str) else given
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         return _error(400, "input must be a string or a list of strings", "BadRequestError")
-    dim = _server(request).embedding_dim
-    data = [
-        {"object": "embedding", "index": i, "embedding": embedding(t, dim)}
-        for i, t in enumerate(texts)
-    ]
+    found = vectors(texts, _server(request).embedding_dim)
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(found)]
     tokens = sum(word_count(t) for t in texts)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return json_response(
@@ -168,7 +167,8 @@ class SimulatedOpenAIServer(SimulatedServer):
     models: list[str]
     host: str = "127.0.0.1"
     port: int = 0
-    embedding_dim: int = 8
+    embedding_dim: int | None = None
+    """None: WordLlama's vectors (:mod:`.embeddings`); a size: hash vectors of that size."""
     api_key: str | None = None
     flavour: Literal["vllm", "llamacpp"] = "vllm"
     waiting: int = 0
