@@ -204,7 +204,9 @@ def build_harness(redis_url: str, namespace: str) -> Harness:
     logdir = Path(tempfile.mkdtemp(prefix="bench-failover-logs-"))
     stop = threading.Event()
     reaper = threading.Thread(
-        target=Reaper(fleet_of(app), settings.grace_s).run, args=(INTERVAL_S, stop), name="reaper"
+        target=Reaper(app, settings.reaper_grace_s).run,
+        args=(INTERVAL_S, stop),
+        name="reaper",
     )
     return Harness(app, servers, logdir, stop, reaper)
 

@@ -31,6 +31,7 @@ from coordinator.fleet.registry import Registry, redis_client
 from coordinator.ops.api import create_api
 from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
+from tests.rabbitmq import rabbitmq_vhost
 from worker_tasks import tasks as builtin_tasks
 
 # The built-in tasks are in every app of the test process, as in an application that sends
@@ -115,15 +116,34 @@ def namespace(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
 
 
+@pytest.fixture(params=["redis"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker a test runs on: Redis, unless it asks for both with
+    ``@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)``."""
+    return str(request.param)
+
+
 @pytest.fixture
-def settings(redis_url: str, namespace: str) -> CoordinatorSettings:
+def broker_url(broker: str, namespace: str) -> Iterator[str | None]:
+    """``None`` (the broker is REDIS_URL), or a RabbitMQ virtual host of this test alone."""
+    if broker == "redis":
+        yield None
+    else:
+        yield from rabbitmq_vhost(namespace)
+
+
+@pytest.fixture
+def settings(redis_url: str, namespace: str, broker_url: str | None) -> CoordinatorSettings:
     return CoordinatorSettings(
         redis_url=redis_url,
+        broker_url=broker_url,
         namespace=namespace,
         heartbeat_interval_s=0.5,
         heartbeat_ttl_s=2.0,
         registry_refresh_s=0.2,
         routing_seed=7,
+        # Celery's default queue, per test namespace: test runs share one Redis.
+        plain_celery_queue=f"{namespace}.celery",
     )
 
 
@@ -135,6 +155,18 @@ def redis_conn(settings: CoordinatorSettings) -> redis.Redis:
 @pytest.fixture
 def registry(settings: CoordinatorSettings, redis_conn: redis.Redis) -> Registry:
     return Registry(redis_conn, settings.keys, settings.ttl_s)
+
+
+def queued(app: Celery, queue: str) -> int:
+    """Messages waiting in ``queue`` (not those delivered and unacknowledged), on either
+    broker; 0 for a queue that does not exist."""
+    with app.connection_for_write() as connection:
+        try:
+            channel: Any = connection.default_channel  # kombu's StdChannel stub lacks it
+            declared = channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            return 0
+        return int(declared.message_count)
 
 
 _BUILTIN = Celery("builtin", set_as_current=False)
@@ -255,6 +287,7 @@ def start_worker(
             # The test's directory too, where a test may write an application's module.
             "PYTHONPATH": os.pathsep.join((str(ROOT), str(tmp_path))),
             "REDIS_URL": settings.redis_url,
+            **({"BROKER_URL": settings.broker_url} if settings.broker_url else {}),
             "NAMESPACE": settings.namespace,
             "HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
             "HEARTBEAT_TTL_S": str(settings.ttl_s),
@@ -266,8 +299,7 @@ def start_worker(
             "EMBEDDINGS_URL": url,
             "OCR_URL": url,
             "PROBE_TIMEOUT_S": "1",
-            # Celery's default queue, per test namespace: tests share one Redis.
-            "PLAIN_CELERY_QUEUE": f"{settings.namespace}.celery",
+            "PLAIN_CELERY_QUEUE": settings.plain_celery_queue,
             **(extra_env or {}),
         }
         log_path = tmp_path / f"{worker_id}.log"
@@ -373,11 +405,10 @@ def client(app: Celery) -> Iterator[TestClient]:
 
 @pytest.fixture
 def reaper_thread(app: Celery, settings: CoordinatorSettings) -> Iterator[Reaper]:
-    """A reaper scanning every heartbeat interval in this process, as `coordinator serve`
-    runs it."""
-    reaper = Reaper(fleet_of(app), settings.grace_s)
+    """A reaper in this process with the default settings, as `coordinator serve` runs it."""
+    reaper = Reaper(app, settings.reaper_grace_s)
     stop = threading.Event()
-    thread = threading.Thread(target=reaper.run, args=(settings.heartbeat_interval_s, stop))
+    thread = threading.Thread(target=reaper.run, args=(settings.reaper_interval_s, stop))
     thread.start()
     yield reaper
     stop.set()

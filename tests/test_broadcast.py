@@ -34,6 +34,7 @@ def start_all(
     return {worker.worker_id: worker for worker in workers}
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_ping_reaches_exactly_the_capable_live_workers(
     app: Celery,
     start_worker: WorkerFactory,

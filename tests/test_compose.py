@@ -32,7 +32,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 
 # Images that are not the project's: they carry no build and none of its settings.
-THIRD_PARTY_IMAGES = ("redis:", "ollama/ollama")
+THIRD_PARTY_IMAGES = ("redis:", "rabbitmq:", "ollama/ollama")
 
 SECRETS = ("REDIS_PASSWORD", "COORDINATOR_API_TOKEN", "FLOWER_BASIC_AUTH")
 DUMMY_ENV = {
@@ -45,7 +45,13 @@ DUMMY_ENV = {
 # third-party ones, and COORDINATOR_API_TOKEN (the admin API's bearer token, a
 # CoordinatorSettings field listed under Security).
 EXTRA_KNOWN_VARIABLES = frozenset(
-    {"FLOWER_BASIC_AUTH", "PYTHONUNBUFFERED", "COORDINATOR_API_TOKEN"}
+    {
+        "FLOWER_BASIC_AUTH",
+        "PYTHONUNBUFFERED",
+        "COORDINATOR_API_TOKEN",
+        "RABBITMQ_DEFAULT_USER",
+        "RABBITMQ_DEFAULT_PASS",
+    }
 )
 
 WORKER_COMMAND = ["celery", "-A", "worker_tasks", "worker", "-l", "INFO"]
@@ -198,9 +204,10 @@ def test_project_services_build_the_one_dockerfile(name: str) -> None:
     assert len(images) == 1, f"one image for every role, not {images}"
 
 
-def test_third_party_services_are_only_redis_and_ollama() -> None:
+def test_third_party_services_are_only_redis_rabbitmq_and_ollama() -> None:
     others = {name: s["image"] for name, s in _services().items() if not _is_project(s)}
     assert others["redis"] == "redis:7-alpine"
+    assert others["rabbitmq"].startswith("rabbitmq:3")
     assert all(image.startswith(THIRD_PARTY_IMAGES) for image in others.values())
     assert all("build" not in _services()[name] for name in others)
 

@@ -59,6 +59,7 @@ def fleet(
     return Fleet(ocr_gpu, vllm_gpu, cpu, servers=servers)
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_each_task_runs_on_the_worker_that_has_its_model(
     app: Celery, fleet: Fleet, registry: Registry
 ) -> None:
@@ -87,6 +88,7 @@ def test_each_task_runs_on_the_worker_that_has_its_model(
     wait_for(lambda: registry.snapshot().in_flight == {}, 10.0, "in-flight counts to drain")
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_groups_and_chain_links_are_routed_too(app: Celery, fleet: Fleet) -> None:
     """Group members are routed by the sender; chain links inside the worker."""
     ocr_results = group(ocr.s(IMAGE) for _ in range(3)).apply_async().get(timeout=RESULT_TIMEOUT_S)
@@ -214,6 +216,7 @@ def test_a_model_service_error_fails_the_task_with_its_reason(
         result.get(timeout=RESULT_TIMEOUT_S)
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_a_transient_service_failure_is_retried_on_another_worker(
     app: Celery,
     start_worker: WorkerFactory,

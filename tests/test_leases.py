@@ -15,14 +15,10 @@ import redis
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.keys import Keys
 from coordinator.core.settings import CoordinatorSettings
-from coordinator.dispatch.router import FleetRouter, Route
-from coordinator.fleet.registry import (
-    LEASES_KEPT_S,
-    LeaseResult,
-    Registry,
-    lease_field,
-    redis_client,
-)
+from coordinator.dispatch.route import Route
+from coordinator.dispatch.router import FleetRouter
+from coordinator.fleet.registry import LEASES_KEPT_S, LeaseResult, Registry, redis_client
+from coordinator.fleet.registry_entries import lease_field
 from coordinator.routing import CostPolicy
 from coordinator.routing.decisions import Decision
 from tests.conftest import WAIT_S, PrivateRedis, builtin_task

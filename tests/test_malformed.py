@@ -36,7 +36,7 @@ from coordinator.core.heartbeat import (
     parse_heartbeat,
 )
 from coordinator.dispatch.app import fleet_of
-from coordinator.dispatch.router import Route
+from coordinator.dispatch.route import Route
 from coordinator.fleet.registry import Registry
 from coordinator.ops.api import BroadcastRequest, create_api
 
@@ -236,6 +236,10 @@ INVALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "would_evict": NON_STR | BAD_NAME,
     "load_bps": NON_NUMBER | NEGATIVE | st.just(0),
     "download_bps": NON_NUMBER | NEGATIVE | st.just(0.0),
+    "interval_s": NON_NUMBER | NEGATIVE | st.just(0.0) | st.just(3600.5),
+    "ttl_s": NON_NUMBER | NEGATIVE | st.just(0) | st.just(86_401.0),
+    "incarnation": NON_STR | BAD_NAME,
+    "started_at": NON_NUMBER | NEGATIVE,
 }
 assert set(INVALID) == set(FIELDS)
 
@@ -278,6 +282,10 @@ VALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "would_evict": st.none() | st.text(min_size=1, max_size=20),
     "load_bps": st.none() | st.floats(1e-3, 1e12) | st.integers(1, 10**12),
     "download_bps": st.none() | st.floats(1e-3, 1e12) | st.integers(1, 10**12),
+    "interval_s": st.none() | st.floats(1e-3, 3600.0) | st.integers(1, 3600),
+    "ttl_s": st.none() | st.floats(1e-3, 86_400.0),
+    "incarnation": st.none() | st.text(min_size=1, max_size=32),
+    "started_at": st.none() | st.floats(min_value=0.0, allow_infinity=False),
 }
 assert set(VALID) == set(FIELDS)
 

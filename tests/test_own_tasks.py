@@ -16,8 +16,9 @@ from coordinator.core.settings import CoordinatorSettings
 from coordinator.core.task_spec import GENERATE, TaskSpec
 from coordinator.dispatch.app import fleet_of
 from coordinator.fleet.registry import Registry
+from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
-from tests.conftest import ROOT, WorkerFactory
+from tests.conftest import ROOT, WorkerFactory, queued
 
 pytestmark = pytest.mark.e2e
 
@@ -104,28 +105,33 @@ def test_an_apps_own_task_is_routed_like_generate_from_its_own_process_and_by_na
     assert holder.request_count("POST", "/api/generate") == 5
 
 
-def test_a_task_sent_by_an_app_without_the_router_is_routed_on_from_celerys_queue(
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+def test_a_task_sent_by_an_app_without_the_router_is_routed_out_of_celerys_queue(
     app: Celery,
     start_worker: WorkerFactory,
     fake_server: Callable[..., SimulatedModelServer],
     settings: CoordinatorSettings,
+    registry: Registry,
+    reaper_thread: Reaper,
 ) -> None:
     holder, other = _two_workers(start_worker, fake_server, "worker_tasks")
-    # A plain Celery app on the same Redis: no router, Celery's default queue (named per
-    # test namespace here, ``celery`` by default).
-    plain = Celery("plain", broker=settings.redis_url, set_as_current=False)
+    # A plain Celery app on the same Redis: no router, Celery's default queue (``celery`` by
+    # default; named per test namespace here).
+    plain = Celery("plain", broker=settings.broker, set_as_current=False)
     plain.conf.update(
-        task_default_queue=f"{settings.namespace}.celery",
+        task_default_queue=settings.plain_celery_queue,
         task_serializer="json",
         accept_content=["json"],
     )
+    plain.send_task("someone.elses.task", args=[1])
     ids = [
         plain.send_task(GENERATE, args=[f"hi {n}"], kwargs={"model": "llama3.2"}).id
         for n in range(6)
     ]
-    # Whichever worker took a message from Celery's queue, the one with the model ran it,
-    # and the result is under the task id the sender holds.
+    # The reaper routed the fleet's tasks to the worker with the model, under the ids the
+    # sender holds, and left the other app's task where its own workers look.
     ran = {app.AsyncResult(task_id).get(timeout=60)["worker_id"] for task_id in ids}
     assert ran == {"holder"}
     assert other.request_count("POST", "/api/generate") == 0
     assert holder.request_count("POST", "/api/generate") == 6
+    assert queued(app, settings.plain_celery_queue) == 1  # someone.elses.task

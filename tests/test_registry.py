@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from coordinator.core.heartbeat import Heartbeat
-from coordinator.core.settings import CoordinatorSettings
-from coordinator.fleet.registry import Registry, redact_url
+from coordinator.core.settings import CoordinatorSettings, redact_url
+from coordinator.fleet.registry import Registry
 from tests.conftest import wait_for
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ class HeartbeatSender:
     active_requests: Callable[[], int]
     stats: ModelStats
     clock: Callable[[], float] = time.time
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """This start of the worker: a restart under the same id is a new incarnation."""
+    started_at: float = field(default_factory=time.time)
     _known: set[str] = field(default_factory=set, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
@@ -127,6 +131,10 @@ class HeartbeatSender:
             capabilities=capabilities,
             queue=self.queue,
             timestamp=self.clock(),
+            interval_s=self.settings.heartbeat_interval_s,
+            ttl_s=self.settings.ttl_s,
+            incarnation=self.incarnation,
+            started_at=self.started_at,
             model_bytes=probed.model_bytes,
             service_s=self.stats.service_s(),
             mean_service_s=self.stats.mean_service_s(),

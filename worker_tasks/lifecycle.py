@@ -18,10 +18,10 @@ from celery.worker.control import control_command
 
 from coordinator.broadcast.client import CONTROL_COMMANDS
 from coordinator.core.errors import ConfigError, ServiceError
-from coordinator.core.settings import WorkerSettings, load_settings
+from coordinator.core.settings import REDIS_SCHEMES, WorkerSettings, load_settings, redact_url
 from coordinator.core.task_spec import TaskSpec
 from coordinator.dispatch.app import Fleet, find_fleet
-from coordinator.fleet.registry import redact_url
+from coordinator.recovery.redis_moves import requeue_unacked
 from worker_tasks import outcomes, system
 from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat_sender import HeartbeatSender
@@ -61,13 +61,11 @@ def runtime_of(app: Celery) -> WorkerRuntime | None:
 
 def _own_queues(fleet: Fleet, settings: WorkerSettings, capabilities: tuple[str, ...]) -> list[str]:
     keys = fleet.keys
-    queues = [
+    return [
         keys.worker_queue(settings.worker_id),
         *(keys.service_queue(service) for service in capabilities),
         keys.default_queue,
     ]
-    # Where an app without the fleet router sends: its model tasks are routed on from here.
-    return [*queues, settings.plain_celery_queue] if settings.plain_celery_queue else queues
 
 
 def _publish_task_specs(app: Celery, fleet: Fleet) -> list[str]:
@@ -78,6 +76,21 @@ def _publish_task_specs(app: Celery, fleet: Fleet) -> list[str]:
     except redis.RedisError as exc:  # the other workers declare the same tasks
         log.warning("routed tasks not declared to the registry: %s", exc)
     return sorted(specs)
+
+
+def _take_back_unacked(app: Celery, fleet: Fleet, queue: str) -> None:
+    """A restart under the same id (a new incarnation) finds what the last one was running
+    unacknowledged: requeued now, not after the visibility timeout."""
+    scheme = str(app.conf.broker_url or "").partition("://")[0]
+    if scheme not in REDIS_SCHEMES:
+        return
+    try:
+        moved = requeue_unacked(fleet, queue)
+    except redis.RedisError as exc:  # kombu restores them after the visibility timeout
+        log.warning("the previous run's unacknowledged messages stay for now: %s", exc)
+        return
+    if moved:
+        log.warning("%d message(s) the previous run took and never finished: requeued", moved)
 
 
 def start(app: Celery, fleet: Fleet) -> WorkerRuntime:
@@ -104,6 +117,7 @@ def start(app: Celery, fleet: Fleet) -> WorkerRuntime:
         except ServiceError as exc:
             raise SystemExit(f"worker cannot start: {exc}") from None
     queue = fleet.keys.worker_queue(settings.worker_id)
+    _take_back_unacked(app, fleet, queue)
     # Made before the pool forks, so that prefork children inherit its pipe.
     stats = ModelStats()
     sender = HeartbeatSender(

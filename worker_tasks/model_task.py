@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
+import redis
 from celery import Task
 from celery.exceptions import Ignore
 
@@ -79,7 +80,7 @@ class ModelTask(Task[Any, Any]):
         try:
             return super().__call__(*args, **kwargs)
         except ModelNotFoundError as exc:
-            return self._elsewhere(exc, args, kwargs)
+            return self._on_model_missing(exc, args, kwargs)
 
     @property
     def spec(self) -> TaskSpec | None:
@@ -143,15 +144,12 @@ class ModelTask(Task[Any, Any]):
         return {"queue": route.queue, "headers": headers}
 
     def _arrived_unrouted(self, fleet: Fleet) -> bool:
-        """Whether this message came through a queue no router chose: the fleet's default
-        queue or Celery's (an app without the fleet router sent it)."""
+        """Whether this message came through the fleet's default queue, where no router sent
+        it (a fleet app without the task's spec, the reaper's default for odd messages)."""
         request = self.request
         if request.called_directly or request.is_eager or (request.headers or {}).get(CLAIM_HEADER):
             return False
-        queue = (request.delivery_info or {}).get("routing_key")
-        runtime = runtime_of(self.app)
-        plain = runtime.settings.plain_celery_queue if runtime is not None else None
-        return queue is not None and queue in (fleet.keys.default_queue, plain)
+        return (request.delivery_info or {}).get("routing_key") == fleet.keys.default_queue
 
     def _route_on(
         self, fleet: Fleet, spec: TaskSpec, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -160,12 +158,8 @@ class ModelTask(Task[Any, Any]):
         attempt without a result (Celery's ``Ignore``, as ``Task.replace`` does); returns when
         the router chose this worker."""
         options = self._routed(fleet, spec, (args, kwargs))
-        me = self.worker_settings().worker_id
-        if options["queue"] in (
-            fleet.keys.worker_queue(me),
-            fleet.keys.service_queue(spec.service),
-        ):
-            return  # here is as good as anywhere: its claim, never published, lapses unused
+        if options["queue"] == fleet.keys.worker_queue(self.worker_settings().worker_id):
+            return  # chosen: its claim, never published, lapses unused
         signature = self.signature_from_request(self.request, tuple(args), dict(kwargs), **options)
         signature.apply_async()
         log.info(
@@ -227,7 +221,7 @@ class ModelTask(Task[Any, Any]):
         except Exception as error:  # the next heartbeat carries the news all the same
             log.warning("could not mark %s unreachable: %s", service, error)
 
-    def _elsewhere(
+    def _on_model_missing(
         self, exc: ModelNotFoundError, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> Any:
         """Route the task to another worker that has the model; none has it: pull it here
@@ -238,8 +232,12 @@ class ModelTask(Task[Any, Any]):
             raise exc
         model = spec.model(args, kwargs)
         me = self.worker_settings().worker_id
+        try:
+            live = [hb for hb in fleet.registry.live_workers() if is_eligible(hb, spec.service)]
+        except redis.RedisError:  # nobody to ask: the model's absence is the answer
+            _drop_lease(fleet, model, me)
+            raise exc from None
         tried = self._excluded() | {me}
-        live = [hb for hb in fleet.registry.live_workers() if is_eligible(hb, spec.service)]
         holders = [
             hb.worker_id
             for hb in live
@@ -252,9 +250,9 @@ class ModelTask(Task[Any, Any]):
             pulled = model is not None and self._pull(spec.service, model)
         except ModelNotFoundError as nowhere:
             pulled, exc = False, nowhere
-        except Exception:
+        except ServiceUnavailableError as failed:  # a pull cut short: retried, elsewhere too
             _drop_lease(fleet, model, me)
-            raise
+            raise self.retry(exc=failed) from None
         if pulled:  # the lease stays until this worker's heartbeat shows the model
             return super().__call__(*args, **kwargs)
         _drop_lease(fleet, model, me)  # no load is coming: this worker must not look busy
@@ -267,11 +265,16 @@ class ModelTask(Task[Any, Any]):
 
     def _pull(self, service: str, model: str) -> bool:
         """Download ``model`` onto this worker's server, if its API can; whether it did."""
-        client, endpoint, server = self.server(service, self.worker_settings())
+        settings = self.worker_settings()
+        client, endpoint, server = self.server(service, settings)
         if not server.can_pull:
             return False
         log.info("%s is on no live worker: %s pulls it", model, endpoint.url)
-        server.pull(client, endpoint, model)
+        # Well before the broker would deliver the message again (acks late): a longer pull
+        # goes on at the next attempt, which Ollama resumes.
+        server.pull(
+            client, endpoint, model, deadline_s=self.worker_settings().visibility_timeout_s / 2
+        )
         return True
 
 

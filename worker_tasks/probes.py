@@ -9,8 +9,7 @@ from typing import Final
 import httpx
 
 from coordinator.core.heartbeat import MAX_MODELS
-from coordinator.core.settings import Endpoint, WorkerSettings
-from coordinator.fleet.registry import redact_url
+from coordinator.core.settings import Endpoint, WorkerSettings, redact_url
 from worker_tasks import model_servers
 from worker_tasks.model_servers import ServerLoad, ServerState
 

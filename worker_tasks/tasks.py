@@ -14,7 +14,7 @@ from celery import shared_task
 from celery.local import Proxy
 
 from coordinator.core.errors import TaskInputError
-from coordinator.core.task_spec import EMBED, GENERATE, OCR
+from coordinator.core.task_spec import EMBED, GENERATE, OCR, checked_model
 from coordinator.dispatch.app import default_app
 from worker_tasks.model_task import ModelTask
 
@@ -32,7 +32,7 @@ def _model(task: ModelTask, value: object) -> str:
     """The model the call names, else the task's default."""
     if value is None:
         return str(task.default_model)
-    return _text(value, "model")
+    return checked_model(_text(value, "model"))
 
 
 def _image_base64(image: object) -> str:

@@ -199,7 +199,7 @@ def broadcast_async(
         app.signature(
             RUN_JOB,
             args=(job.name, share.model_dump(mode="json"), broadcast_id, hb.worker_id, capability),
-            queue=hb.queue or keys.worker_queue(hb.worker_id),
+            queue=keys.worker_queue(hb.worker_id),
             expires=expires,
         )
         for hb, share in zip(recipients, job.split(data, len(recipients)), strict=True)

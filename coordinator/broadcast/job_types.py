@@ -15,9 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from coordinator.core.errors import JobError
+from coordinator.core.errors import JobError, TaskInputError
+from coordinator.core.task_spec import checked_model
 
 Mode = Literal["replicated", "sharded"]
 MetadataValue = str | int | float | bool
@@ -82,6 +90,14 @@ class WarmModelData(JobData):
 
     model: str = Field(min_length=1, max_length=256)
     keep_alive: str | int | None = Field(default=None, description="Ollama's keep_alive")
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _a_model_name(cls, value: str) -> str:
+        try:
+            return checked_model(value)
+        except TaskInputError as exc:  # a ValueError: pydantic reports it on the field
+            raise ValueError(str(exc)) from None
 
 
 class PingData(JobData):

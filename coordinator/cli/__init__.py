@@ -25,9 +25,9 @@ from rich.console import Console
 from coordinator.cli.explain import print_explanation, target_queue, tiebreak_max, why_not
 from coordinator.core.errors import ConfigError, JobError
 from coordinator.core.heartbeat import is_eligible
-from coordinator.core.settings import CoordinatorSettings, load_settings
+from coordinator.core.settings import CoordinatorSettings, load_settings, redact_url
 from coordinator.dispatch.router import FleetRouter
-from coordinator.fleet.registry import Registry, redact_url, redis_client
+from coordinator.fleet.registry import Registry, redis_client
 from coordinator.ops import admin, render
 from coordinator.routing import POLICIES, make_policy
 from coordinator.sim.compare import add_arguments, run_command
@@ -206,7 +206,7 @@ def _explain(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     ranked = router.explain(spec.service, model)  # the router's own ranking, no tiebreak drawn
     live = {hb.worker_id: hb for hb in registry.live_workers()}
     winner = ranked[0] if ranked else None
-    queue = target_queue(settings.keys, spec.service, winner, live)
+    queue = target_queue(settings.keys, spec.service, winner)
     skipped = {
         worker_id: why_not(hb, spec.service)
         for worker_id, hb in sorted(live.items())

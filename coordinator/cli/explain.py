@@ -53,15 +53,12 @@ def print_explanation(
         )
 
 
-def target_queue(
-    keys: Keys, service: str, winner: Breakdown | None, live: Mapping[str, Heartbeat]
-) -> str:
+def target_queue(keys: Keys, service: str, winner: Breakdown | None) -> str:
     """Where the router would send the task: the shared fallback queue of ``service`` when
-    no worker is eligible, else the queue the winner's heartbeat names, else its own."""
+    no worker is eligible, else the winner's own queue."""
     if winner is None:
         return keys.service_queue(service)
-    named = live[winner.worker_id].queue if winner.worker_id in live else None
-    return named or keys.worker_queue(winner.worker_id)
+    return keys.worker_queue(winner.worker_id)
 
 
 def tiebreak_max(policy: Policy[Any]) -> float:

@@ -84,8 +84,16 @@ class Heartbeat(BaseModel):
     )
     tier: int | None = Field(default=None, ge=TIER_GPU, le=TIER_STORAGE, strict=True)
     capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
-    queue: Name | None = None
+    queue: Name | None = Field(
+        default=None, description="reported, never trusted: the queue is the worker id's"
+    )
     timestamp: float | None = Field(default=None, ge=0.0, strict=True, description="unix s")
+    # How the worker heartbeats, and which start of it this is (issue 13): the reaper reads
+    # them rather than assuming its own settings hold for every worker.
+    interval_s: float | None = Field(default=None, gt=0.0, le=3600.0, strict=True)
+    ttl_s: float | None = Field(default=None, gt=0.0, le=86_400.0, strict=True)
+    incarnation: Name | None = Field(default=None, description="one id per worker start")
+    started_at: float | None = Field(default=None, ge=0.0, strict=True, description="unix s")
     # What the cost-aware policy reads (issue 6); absent from older workers' heartbeats.
     model_bytes: dict[Name, Bytes] = Field(
         default_factory=dict, max_length=MAX_MODELS, description="size of each model known"

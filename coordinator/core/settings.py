@@ -7,8 +7,16 @@ import re
 import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, Self, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from coordinator.core.errors import ConfigError
@@ -19,6 +27,8 @@ _NAME = r"^[A-Za-z0-9_.@:-]+$"
 
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+socket")
 """What a Redis URL may start with: redis-py's schemes, and kombu's for a Unix socket."""
+AMQP_SCHEMES: Final = ("amqp", "amqps", "pyamqp")
+"""What a RabbitMQ URL may start with (kombu's py-amqp transport)."""
 
 ServerApi = Literal["ollama", "openai", "tei", "auto"]
 """The API a model server speaks: Ollama's, the OpenAI-compatible one (vLLM, SGLang,
@@ -35,6 +45,9 @@ class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     redis_url: str = Field(default="redis://localhost:6379/0", min_length=1)
+    broker_url: str | None = Field(
+        default=None, description="the broker when not REDIS_URL: amqp://user:pass@host/vhost"
+    )
     registry_url: str | None = Field(
         default=None, description="Redis of the registry when it is not REDIS_URL"
     )
@@ -49,21 +62,48 @@ class CoordinatorSettings(BaseSettings):
     decisions_kept: int = Field(default=1000, ge=0)
     chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
     visibility_timeout_s: float = Field(default=3600.0, gt=0.0)
-    reaper_grace_s: float | None = Field(default=None, ge=0.0)
+    result_expires_s: float = Field(default=86_400.0, gt=0.0, description="results kept")
+    plain_celery_queue: str = Field(
+        default="celery",
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.@:-]*$",
+        description="where apps without the fleet router send; the reaper routes the fleet's"
+        " tasks out of it ('': not)",
+    )
+    reaper_grace_s: float | None = Field(
+        default=None, ge=0.0, description="default: min(1 s, the worker's own interval)"
+    )
+    reaper_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
     # SecretStr: never in a repr, a log line or an error message.
     coordinator_api_token: SecretStr | None = None
 
-    @field_validator("redis_url", "registry_url", mode="after")
+    @field_validator("broker_url", mode="before")
     @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
+    def _empty_broker_is_redis(cls, value: Any) -> Any:
+        # compose passes ${BROKER_URL:-}: empty means the default, REDIS_URL.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url", "registry_url", "broker_url", mode="after")
+    @classmethod
+    def _url_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Caught here, with the variable named, rather than as a traceback from the first
         # client that parses it.
         if value is None:
             return None
         scheme, separator, _ = value.partition("://")
+        amqp_too = info.field_name == "broker_url"
+        if amqp_too and scheme in AMQP_SCHEMES:
+            return value
         if not separator or scheme not in REDIS_SCHEMES:
-            schemes = ", ".join(f"{s}://" for s in REDIS_SCHEMES)
-            raise ValueError(f"expected a Redis URL such as redis://host:6379/0 ({schemes})")
+            schemes = ", ".join(f"{s}://" for s in (*REDIS_SCHEMES, *(AMQP_SCHEMES * amqp_too)))
+            raise ValueError(f"expected a URL such as redis://host:6379/0 ({schemes})")
+        query = parse_qs(urlsplit(value).query)
+        if "password" in query or "username" in query:
+            # redis-py reads them there, kombu (the broker) fails on them: one rule for both.
+            raise ValueError(
+                "credentials go in the URL's user part, redis://user:password@host:6379/0,"
+                " not in ?password= or ?username="
+            )
         return value
 
     @field_validator("routing_policy", mode="after")
@@ -86,11 +126,6 @@ class CoordinatorSettings(BaseSettings):
         return self
 
     @property
-    def grace_s(self) -> float:
-        """How long the reaper waits after a heartbeat expired (default: one interval)."""
-        return self.heartbeat_interval_s if self.reaper_grace_s is None else self.reaper_grace_s
-
-    @property
     def ttl_s(self) -> float:
         """The heartbeat TTL, resolved."""
         assert self.heartbeat_ttl_s is not None  # set by the validator
@@ -100,6 +135,16 @@ class CoordinatorSettings(BaseSettings):
     def keys(self) -> Keys:
         """Key and queue names of this namespace."""
         return Keys(self.namespace)
+
+    @property
+    def broker(self) -> str:
+        """The broker's URL: ``BROKER_URL``, else ``REDIS_URL``."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is Redis (kombu's Redis transport), not RabbitMQ."""
+        return self.broker.partition("://")[0] in REDIS_SCHEMES
 
     @property
     def registry_redis_url(self) -> str:
@@ -130,12 +175,6 @@ class WorkerSettings(CoordinatorSettings):
     ocr_url: str | None = None
     ocr_api: ServerApi = "auto"
     ocr_api_key: SecretStr | None = None
-    plain_celery_queue: str = Field(
-        default="celery",
-        max_length=128,
-        pattern=r"^[A-Za-z0-9_.@:-]*$",
-        description="Celery's default queue, read for apps without the fleet router ('': not)",
-    )
     probe_timeout_s: float = Field(default=2.0, gt=0.0)
     model_timeout_s: float = Field(default=300.0, gt=0.0)
     enable_chromadb: bool = Field(default=False, description="serve ChromaDB (storage tier)")
@@ -200,6 +239,18 @@ class Endpoint:
     """The variable the URL came from, for error messages."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the authority or a ``password=`` query), for logs
+    and error messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return parts.geturl()
+
+
 S = TypeVar("S", bound=CoordinatorSettings)
 
 
@@ -226,5 +277,8 @@ def load_settings(cls: type[S]) -> S:
             name = str(err["loc"][0]).upper()
             inner = "".join(f"[{part!r}]" for part in err["loc"][1:])
             message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}{inner}={err.get('input')!r}: {message}")
+            shown = err.get("input")
+            if isinstance(shown, str) and "://" in shown:  # a URL's password stays out of logs
+                shown = redact_url(shown)
+            problems.append(f"{name}{inner}={shown!r}: {message}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coordinator.core.errors import ConfigError
+from coordinator.core.errors import ConfigError, TaskInputError
 
 GENERATE: Final = "worker_tasks.generate"
 OCR: Final = "worker_tasks.ocr"
@@ -28,9 +28,30 @@ EMBED: Final = "worker_tasks.embed"
 _NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 
 
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
+
+
 def normalize_model(name: str) -> str:
     """Ollama's implicit tag: ``llama3.2:latest`` and ``llama3.2`` are the same model."""
     return name.strip().removesuffix(":latest")
+
+
+def checked_model(name: str) -> str:
+    """``name`` normalised, when it is a model name: ``llama3.2``, ``qwen2.5:7b``,
+    ``library/phi3``, ``hf.co/org/repo:Q4_K_M``, ``registry:5000/ns/model:tag``.
+
+    Raises:
+        TaskInputError: anything else, a path such as ``../../etc/passwd`` included; model
+            names reach servers' URLs and file names.
+    """
+    normalized = normalize_model(name)
+    segments = normalized.split("/")
+    if not _MODEL.match(normalized) or any(s in ("", ".", "..") for s in segments):
+        raise TaskInputError(
+            f"model must be a model name such as 'llama3.2' or 'hf.co/org/repo:Q4_K_M',"
+            f" got {name!r:.80}"
+        )
+    return normalized
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +75,11 @@ class TaskSpec:
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r:.80}")
 
     def model(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> str | None:
-        """The model a call needs: the one its model argument names, else the default."""
+        """The model a call needs: the one its model argument names, else the default.
+
+        Raises:
+            TaskInputError: the call names something that is not a model name.
+        """
         value: object = None
         if self.model_arg is not None:
             value = (kwargs or {}).get(self.model_arg)
@@ -62,7 +87,7 @@ class TaskSpec:
             if value is None and position is not None and args and len(args) > position:
                 value = args[position]
         if isinstance(value, str) and normalize_model(value):
-            return normalize_model(value)
+            return checked_model(value)
         return None if self.default_model is None else normalize_model(self.default_model)
 
     def as_json(self) -> str:

@@ -19,11 +19,12 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from weakref import WeakKeyDictionary
 
 from celery import Celery
 from celery.app import app_or_default
+from celery.utils.functional import maybe_list
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.keys import Keys
@@ -79,7 +80,7 @@ class Fleet:
             claim_lapse_s=settings.visibility_timeout_s,
         )
         if app is not None:
-            router.local_task = _task_lookup(app)
+            router.tasks.local_task = _task_lookup(app)
         return cls(settings, registry, router)
 
     def close(self) -> None:
@@ -104,7 +105,8 @@ def install(
     router, broker ``amqp://localhost``). Installing twice returns the first fleet.
 
     Raises:
-        ConfigError: a setting in the environment is invalid.
+        ConfigError: a setting in the environment is invalid, or the app was installed with
+            other settings.
     """
     with _fleets_lock:
         fleet = _fleets.get(app)
@@ -112,6 +114,8 @@ def install(
             fleet = Fleet.from_settings(settings or load_settings(CoordinatorSettings), app)
             _configure(app, fleet)
             _fleets[app] = fleet
+        elif settings is not None and settings != fleet.settings:
+            raise ConfigError(f"Celery app {app.main!r} is a fleet app already, other settings")
     if make_default:
         app.set_default()
     return fleet
@@ -160,11 +164,11 @@ def create_app(
 
 def _configure(app: Celery, fleet: Fleet) -> None:
     settings = fleet.settings
-    routes = app.conf.task_routes
-    own_routes = () if routes is None else routes if isinstance(routes, list | tuple) else (routes,)
-    imports = tuple(app.conf.imports or ())
+    # Celery takes one route or module name as well as a list of them.
+    own_routes = tuple(maybe_list(app.conf.task_routes) or ())
+    imports = tuple(maybe_list(app.conf.imports) or ())
     app.conf.update(
-        broker_url=settings.redis_url,
+        broker_url=settings.broker,
         result_backend=settings.redis_url,
         imports=(*imports, *(m for m in WORKER_MODULES if m not in imports)),
         # JSON only: a pickled message would run code chosen by whoever can write to Redis.
@@ -179,7 +183,12 @@ def _configure(app: Celery, fleet: Fleet) -> None:
         control_exchange=settings.keys.control_exchange,
         # Which worker ran a task is part of its result.
         result_extended=True,
-        result_expires=24 * 3600,
+        # A result read after this is PENDING, as if the task never ran: RESULT_EXPIRES_S.
+        result_expires=settings.result_expires_s,
+        # A Redis restart between the model call and the result write must not fail the
+        # task (the model call is done): retry the write, with backoff, for about 2 minutes.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
         # Results live under the namespace too, so one Redis can host several fleets.
         result_backend_transport_options={"global_keyprefix": f"{settings.namespace}:"},
         # At least once: a message is acknowledged after its task ran, so a worker that
@@ -187,23 +196,44 @@ def _configure(app: Celery, fleet: Fleet) -> None:
         # deliver again; the model tasks and rag_ingestion are safe to run twice.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Longer than any task (model calls time out after MODEL_TIMEOUT_S), or a running
-        # task would be delivered a second time while it runs.
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Named by the fleet (kombu's public transport options), so that the reaper
-            # knows where to look and fleets sharing a Redis do not share them.
-            "unacked_key": settings.keys.unacked,
-            "unacked_index_key": settings.keys.unacked_index,
-            "unacked_mutex_key": settings.keys.unacked_mutex,
-        },
         # Model calls are long; a worker must not hoard messages another worker could run.
         worker_prefetch_multiplier=1,
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
+        **(_redis_broker(settings) if settings.broker_is_redis else _rabbitmq_broker()),
     )
+
+
+def _redis_broker(settings: CoordinatorSettings) -> dict[str, Any]:
+    return {
+        "broker_transport_options": {
+            # Longer than any task (model calls time out after MODEL_TIMEOUT_S, a model pull
+            # gives up at half of it), or a running task would be delivered a second time.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Named by the fleet (kombu's public transport options), so that the reaper
+            # knows where to look and fleets sharing a Redis do not share them.
+            "unacked_key": settings.keys.unacked,
+            "unacked_index_key": settings.keys.unacked_index,
+            "unacked_mutex_key": settings.keys.unacked_mutex,
+        }
+    }
+
+
+def _rabbitmq_broker() -> dict[str, Any]:
+    # Quorum queues (replicated, and what RabbitMQ recommends for durable work) for every
+    # queue, the ones the router creates on the fly included; each gets a topic exchange of
+    # its own, so that a countdown (a retry's backoff) waits in RabbitMQ's delayed-delivery
+    # exchanges rather than in a worker's memory. A consumer's connection that dies gives
+    # its unacknowledged messages back at once: no visibility timeout to configure.
+    return {
+        "task_default_queue_type": "quorum",
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
+        "task_default_exchange_type": "topic",
+        "broker_transport_options": {"confirm_publish": True},
+    }
 
 
 _default: Celery | None = None

@@ -3,12 +3,11 @@ to one worker's queue; when that starts a model load, it takes the model's lease
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -17,18 +16,21 @@ from celery import signals
 
 from coordinator.core.keys import Keys
 from coordinator.core.task_spec import TaskSpec
+from coordinator.dispatch.route import Route
+from coordinator.dispatch.task_lookup import TaskLookup
 from coordinator.fleet import counters
 from coordinator.fleet.claims import (
     CLAIM_HEADER,
-    Claim,
     ClaimBuffer,
+    Unsent,
+    UnsentClaims,
     claim_header,
     new_claim_id,
     parse_claim,
 )
 from coordinator.fleet.registry import Registry, Snapshot
 from coordinator.routing import Breakdown, CostPolicy, Policy
-from coordinator.routing.decisions import Outcome
+from coordinator.routing.decisions import Outcome, decision_json
 from coordinator.routing.demand import Demand
 from coordinator.routing.interface import MIN_LEASE_GRACE_S
 
@@ -40,35 +42,6 @@ KEPT_CANDIDATES: Final = 5
 """Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
 
 WARN_EVERY_S: Final = 10.0
-UNSENT_KEPT_S: Final = 60.0
-"""A claim whose message is not published this long after routing never will be."""
-
-Unsent = tuple[Claim, str | None, Iterable[tuple[str, str, float]], float]
-"""A routed message's claim, decision and counts, kept until it is published; and when it
-was routed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one task goes, and whose in-flight count it adds to, under which claim id
-    (``None``: nobody's).
-
-    The claim counts in this router's view at once, and in the fleet's (Redis) once the
-    message is published: Celery's ``after_task_publish`` confirms it, or the publisher
-    calls :meth:`FleetRouter.confirm`. A message that could not be published (an argument
-    JSON cannot encode, a broker down) thus leaves no claim behind.
-    """
-
-    queue: str
-    worker_id: str | None
-    claim_id: str | None = field(default=None, compare=False)
-
-    @property
-    def claim(self) -> Claim | None:
-        """The claim the message carries in its :data:`CLAIM_HEADER`, if any."""
-        if self.worker_id is None or self.claim_id is None:
-            return None
-        return self.worker_id, self.claim_id
 
 
 @dataclass
@@ -106,13 +79,12 @@ class FleetRouter:
     """A lease is void this long after its load should be done (see :func:`lease_grace_s`)."""
     claim_lapse_s: float = 3600.0
     """A claim whose message nothing releases (lost) stops counting after this long."""
-    local_task: Callable[[str], object] = lambda name: None
-    """This process's task of that name, if any (:func:`coordinator.install` looks in the
-    app): Celery passes no task to a router for ``send_task`` on an app not finalized."""
     demand: Demand = field(default_factory=Demand)
     """The models this router has been asked for: a policy may add copies of the busy
     ones (each publisher sees its own share of the demand)."""
 
+    tasks: TaskLookup = field(init=False, repr=False)
+    """What each task declares (the router's :meth:`task_spec`)."""
     claims: ClaimBuffer = field(init=False, repr=False)
     _snapshot: Snapshot | None = field(default=None, init=False, repr=False)
     _snapshot_at: float = field(default=float("-inf"), init=False, repr=False)
@@ -125,14 +97,12 @@ class FleetRouter:
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _specs: dict[str, TaskSpec | None] = field(default_factory=dict, init=False, repr=False)
-    _fleet_specs: dict[str, TaskSpec] = field(default_factory=dict, init=False, repr=False)
-    _fleet_specs_at: float = field(default=float("-inf"), init=False, repr=False)
-    _unsent: dict[str, Unsent] = field(default_factory=dict, init=False, repr=False)
-    _unsent_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    unsent: UnsentClaims = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
+        self.unsent = UnsentClaims(self.claims)
+        self.tasks = TaskLookup(self.registry, refresh_s=self.refresh_s, clock=self.clock)
         # Weak: the signal must not keep a discarded router (a test's, a CLI's) alive.
         signals.after_task_publish.connect(self._published, weak=True)
 
@@ -167,44 +137,21 @@ class FleetRouter:
         return {"queue": route.queue}
 
     def task_spec(self, name: str, task: object = None) -> TaskSpec | None:
-        """What task ``name`` declares: on ``task`` (Celery passes the registered task), else,
-        for a task this process does not have, as the fleet's workers declared it.
-
-        Raises:
-            ConfigError: the task declares a spec that is not one.
-        """
-        if name in self._specs:
-            return self._specs[name]
-        task = task if task is not None else self.local_task(name)
-        if task is not None:
-            spec = self._specs[name] = TaskSpec.of(task)
-            return spec
-        now = self.clock()
-        if now - self._fleet_specs_at >= self.refresh_s:
-            self._fleet_specs_at = now
-            try:
-                self._fleet_specs = self.registry.task_specs()
-            except redis.RedisError as exc:  # sent unrouted: a worker routes it on
-                self._warn("specs", "task specs not read (%s): %s", type(exc).__name__, exc)
-        return self._fleet_specs.get(name)
+        """What task ``name`` declares (see :meth:`TaskLookup.spec`)."""
+        return self.tasks.spec(name, task)
 
     def confirm(self, claim_id: str | None) -> None:
-        """Write the claim of a message now published (see :class:`Route`); a claim whose
-        message was never published is dropped after :data:`UNSENT_KEPT_S`."""
-        if claim_id is None:
-            return
-        with self._unsent_lock:
-            unsent = self._unsent.pop(claim_id, None)
-        if unsent is not None:
-            self.claims.add(*unsent[:3])
+        """Count a routed message's claim in Redis: its message was published (see
+        :class:`Route`)."""
+        if claim_id is not None:
+            self.unsent.confirm(claim_id)
 
     def _published(self, headers: Mapping[str, Any] | None = None, **_: Any) -> None:
         # Celery's after_task_publish, sent in the publishing thread once the broker took
         # the message: only then does its claim count.
-        if self._unsent:
-            claim = parse_claim((headers or {}).get(CLAIM_HEADER))
-            if claim is not None:
-                self.confirm(claim[1])
+        claim = parse_claim((headers or {}).get(CLAIM_HEADER))
+        if claim is not None:
+            self.unsent.confirm(claim[1])
 
     def route(
         self, task: str, service: str, model: str | None, exclude: frozenset[str] = frozenset()
@@ -251,7 +198,8 @@ class FleetRouter:
                 service, model, load, (pool, ranked, chosen), exclude
             )
         winner, heartbeat = ranked[0], chosen.heartbeat
-        queue = heartbeat.queue or self.keys.worker_queue(winner.worker_id)
+        # Never the queue a heartbeat names: a forged one would collect tasks nobody reads.
+        queue = self.keys.worker_queue(winner.worker_id)
         self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
         decision = (
             self._decision(task, service, model, "routed", queue, ranked, len(pool))
@@ -264,8 +212,7 @@ class FleetRouter:
         latency_s = time.perf_counter() - started
         counts = counters.routed(self.keys, winner.worker_id, service, hit, latency_s)
         claim = (winner.worker_id, new_claim_id())
-        with self._unsent_lock:
-            self._unsent[claim[1]] = (claim, decision, counts, now)
+        self.unsent.hold(Unsent(claim, decision, counts, now))
         log.info(
             "routed %s (model %s) to %s, %s %.3f, best of %d",
             task,
@@ -381,9 +328,7 @@ class FleetRouter:
         return result.granted
 
     def _refresh(self, now: float) -> None:
-        with self._unsent_lock:
-            for claim_id in [k for k, v in self._unsent.items() if now - v[3] > UNSENT_KEPT_S]:
-                del self._unsent[claim_id]
+        self.unsent.prune(now)
         self.claims.flush()
         snapshot = self.registry.snapshot(self.wall_clock())
         # Claims still buffered (Redis refused the flush) are part of the load all the same.
@@ -405,24 +350,8 @@ class FleetRouter:
         eligible: int = 0,
         reason: str | None = None,
     ) -> str:
-        """The decision as stored: JSON of a :class:`~coordinator.routing.decisions.Decision`,
-        built without pydantic and with breakdowns as rows, because it runs for every task."""
-        return json.dumps(
-            {
-                "at": self.wall_clock(),
-                "policy": self.policy.name,
-                "task": task,
-                "service": service,
-                "model": model,
-                "outcome": outcome,
-                "queue": queue,
-                "worker_id": ranked[0].worker_id if ranked else None,
-                "eligible": eligible,
-                "candidates": [score.as_row() for score in ranked],
-                "reason": reason,
-            },
-            separators=(",", ":"),
-        )
+        where = (task, service, model, outcome, queue)
+        return decision_json(self.wall_clock(), self.policy.name, where, ranked, eligible, reason)
 
     def _fallback(
         self,

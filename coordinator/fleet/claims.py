@@ -24,7 +24,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 import redis
 
@@ -171,6 +171,47 @@ class ClaimBuffer:
         if left:  # Redis was away: try again later
             self._timer = None
             self._arm_timer(RETRY_S)
+
+
+class Unsent(NamedTuple):
+    """A routed message's claim, decision and counts, waiting for its publish."""
+
+    claim: Claim
+    decision: str | None
+    counts: Iterable[tuple[str, str, float]]
+    routed_at: float
+
+
+@dataclass
+class UnsentClaims:
+    """Claims of routed messages not published yet: each goes to ``buffer`` once the broker
+    took its message (:meth:`confirm`), so a message that could not be published (an
+    argument JSON cannot encode, a broker down) leaves no claim behind. One never confirmed
+    is dropped ``kept_s`` after it was routed."""
+
+    buffer: ClaimBuffer
+    kept_s: float = 60.0
+    _unsent: dict[str, Unsent] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def hold(self, unsent: Unsent) -> None:
+        with self._lock:
+            self._unsent[unsent.claim[1]] = unsent
+
+    def confirm(self, claim_id: str) -> None:
+        """The message carrying ``claim_id`` was published: its claim counts in Redis."""
+        if not self._unsent:  # most publishes: nothing this router routed is waiting
+            return
+        with self._lock:
+            unsent = self._unsent.pop(claim_id, None)
+        if unsent is not None:
+            self.buffer.add(unsent.claim, unsent.decision, unsent.counts)
+
+    def prune(self, now: float) -> None:
+        """Forget the claims routed before ``now - kept_s`` (same clock as their routing)."""
+        with self._lock:
+            for claim_id in [k for k, v in self._unsent.items() if now - v.routed_at > self.kept_s]:
+                del self._unsent[claim_id]
 
 
 def _flush_at_exit(buffer: weakref.ref[ClaimBuffer]) -> None:

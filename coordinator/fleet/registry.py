@@ -4,23 +4,34 @@ recent decisions, the routed tasks' specs."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlsplit
 
 import redis
 
 from coordinator.core.errors import HeartbeatError
-from coordinator.core.heartbeat import MAX_ACTIVE, MAX_REASON, Heartbeat, parse_heartbeat
+from coordinator.core.heartbeat import (
+    MAX_HEARTBEAT_BYTES,
+    MAX_REASON,
+    Heartbeat,
+    parse_heartbeat,
+)
 from coordinator.core.keys import Keys
 from coordinator.core.task_spec import TaskSpec
 from coordinator.fleet.lua import lua_script
+from coordinator.fleet.registry_entries import (
+    KnownWorker,
+    count_from,
+    lease_field,
+    leases_from,
+    ready_at_from,
+    seconds_from,
+    unreachable_from,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +64,6 @@ def redis_client(url: str, timeout_s: float) -> redis.Redis:
     )
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (in the authority or a ``password=`` query), for logs
-    and error messages."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        parts = parts._replace(netloc=netloc)
-    if "password=" in parts.query:
-        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
-    return parts.geturl()
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The fleet as one registry read saw it."""
@@ -85,65 +84,6 @@ class LeaseResult:
     when granted, else the ones that made the caller's view stale."""
 
 
-def lease_field(model: str, worker_id: str) -> str:
-    """The leases hash field of ``worker_id`` loading ``model`` (:mod:`coordinator.core.keys`)."""
-    return json.dumps([model, worker_id], separators=(",", ":"))
-
-
-def _leases(flat: Sequence[str], now: float) -> dict[str, dict[str, float]]:
-    leases: dict[str, dict[str, float]] = {}
-    for key, value in zip(flat[::2], flat[1::2], strict=True):
-        # Only routers write here, but a bad entry must cost its own lease, not routing.
-        try:
-            model, worker_id = json.loads(key) if key.startswith("[") else (None, None)
-            ready_text, expires_text = value.split()
-            ready_at, expires_at = float(ready_text), float(expires_text)
-        except (ValueError, TypeError):
-            continue
-        if (
-            isinstance(model, str)
-            and isinstance(worker_id, str)
-            and math.isfinite(ready_at)
-            and expires_at > now
-        ):
-            leases.setdefault(model, {})[worker_id] = ready_at
-    return leases
-
-
-def _ready_at(text: str, now: float) -> float:
-    try:
-        ready_at = float(text)
-    except ValueError:
-        return now
-    return ready_at if math.isfinite(ready_at) else now
-
-
-def _unreachable(flat: Sequence[str], now: float) -> dict[str, dict[str, str]]:
-    """worker_id -> {service: why} for services marked unreachable and not yet back."""
-    marks: dict[str, dict[str, str]] = {}
-    for worker_id, service, value in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
-        _, until, why = (*str(value).split(" ", 2), "", "")[:3]  # "marked_at until why"
-        if _float(until) > now:
-            marks.setdefault(worker_id, {})[service] = why or "unreachable from a task"
-    return marks
-
-
-def _float(text: str) -> float:
-    """A number written by this module; anything else (a hand-made entry) reads as 0."""
-    try:
-        return float(text)
-    except ValueError:
-        return 0.0
-
-
-def _int(value: str) -> int:
-    # Only this project writes these counts, but a bad value must not break routing.
-    try:
-        return min(max(int(value), 0), MAX_ACTIVE)
-    except ValueError:
-        return 0
-
-
 @dataclass
 class Registry:
     """Reads and writes the fleet's state in Redis; see :mod:`coordinator.core.keys`."""
@@ -162,13 +102,12 @@ class Registry:
     def publish(self, heartbeat: Heartbeat) -> None:
         """Write one heartbeat; it disappears by itself ``ttl_s`` after the last write."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.worker(heartbeat.worker_id), heartbeat.to_json(), px=self._ttl_ms)
+        # The worker's own TTL when it says one: the reaper and the key must agree on it.
+        ttl_ms = max(int(heartbeat.ttl_s * 1000), 1) if heartbeat.ttl_s else self._ttl_ms
+        pipe.set(self.keys.worker(heartbeat.worker_id), heartbeat.to_json(), px=ttl_ms)
         pipe.sadd(self.keys.workers, heartbeat.worker_id)
-        pipe.hset(
-            self.keys.known,
-            heartbeat.worker_id,
-            heartbeat.queue or self.keys.worker_queue(heartbeat.worker_id),
-        )
+        known = KnownWorker(heartbeat.interval_s, heartbeat.ttl_s, heartbeat.incarnation)
+        pipe.hset(self.keys.known, heartbeat.worker_id, known.to_json())
         pipe.execute()
 
     def remove(self, worker_id: str) -> None:
@@ -191,10 +130,20 @@ class Registry:
         pipe.delete(keys.claims(worker_id), keys.released(worker_id), keys.down(worker_id))
         pipe.hdel(keys.known, worker_id)
 
-    def known_workers(self) -> dict[str, str]:
-        """Every worker that heartbeated and did not leave cleanly -> its queue."""
+    def known_workers(self) -> dict[str, KnownWorker]:
+        """Every worker that heartbeated and did not leave cleanly, and how it heartbeats."""
         known = self.client.hgetall(self.keys.known)
-        return {str(k): str(v) for k, v in known.items()}
+        return {str(k): KnownWorker.from_json(v) for k, v in known.items()}
+
+    def alive(self, worker_ids: Iterable[str]) -> set[str]:
+        """The workers whose heartbeat key exists, readable or not: a worker is alive while
+        it heartbeats, whatever its heartbeat says (a bad one is skipped by routing, never
+        taken for a death)."""
+        ids = list(worker_ids)
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.exists(self.keys.worker(worker_id))
+        return {w for w, exists in zip(ids, pipe.execute(), strict=True) if exists}
 
     def snapshot(self, now: float | None = None) -> Snapshot:
         """Every live, well-formed heartbeat, the in-flight counts and the leases unexpired
@@ -204,7 +153,7 @@ class Registry:
         payload, so a broken worker does not flood the log at every refresh).
         """
         at = time.time() if now is None else now
-        beats, flight, leases, down = self._snapshot_script(
+        beats, flight, leases, down, refused = self._snapshot_script(
             keys=[self.keys.workers, self.keys.leases],
             args=[
                 self.keys.worker_prefix,
@@ -212,9 +161,12 @@ class Registry:
                 self.keys.released_prefix,
                 repr(at),
                 self.keys.down_prefix,
+                MAX_HEARTBEAT_BYTES,
             ],
         )
-        unreachable = _unreachable(down, at)
+        for worker_id, why in zip(refused[::2], refused[1::2], strict=True):
+            self._warn_once(worker_id, why, HeartbeatError(worker_id, why))
+        unreachable = unreachable_from(down, at)
         heartbeats = []
         for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
             try:
@@ -230,8 +182,8 @@ class Registry:
                 update = {"services_status": status, "service_errors": errors}
                 heartbeat = heartbeat.model_copy(update=update)
             heartbeats.append(heartbeat)
-        in_flight = {k: _int(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
-        return Snapshot(tuple(heartbeats), in_flight, _leases(leases, at))
+        in_flight = {k: count_from(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
+        return Snapshot(tuple(heartbeats), in_flight, leases_from(leases, at))
 
     def live_workers(self) -> list[Heartbeat]:
         """Every live, well-formed heartbeat."""
@@ -292,7 +244,7 @@ class Registry:
         ]
         flat = self._lease_script(keys=[self.keys.leases], args=args)
         pairs = zip(flat[1::2], flat[2::2], strict=True)
-        holders = {str(worker): _ready_at(str(ready), now) for worker, ready in pairs}
+        holders = {str(worker): ready_at_from(str(ready), now) for worker, ready in pairs}
         return LeaseResult(bool(int(flat[0])), holders)
 
     def drop_lease(self, model: str, worker_id: str) -> None:
@@ -329,7 +281,7 @@ class Registry:
         stale = [
             str(service)
             for service, value in marks.items()
-            if str(service) in healthy and _float(str(value).split(" ")[0]) < probed_at
+            if str(service) in healthy and seconds_from(str(value).split(" ")[0]) < probed_at
         ]
         if stale:
             self.client.hdel(key, *stale)

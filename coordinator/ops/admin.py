@@ -46,8 +46,8 @@ class ServiceView(BaseModel):
     workers: list[str]
 
 
-def worker_view(heartbeat: Heartbeat, in_flight: int = 0) -> WorkerView:
-    """A heartbeat as operators read it."""
+def worker_view(heartbeat: Heartbeat, queue: str, in_flight: int = 0) -> WorkerView:
+    """A heartbeat as operators read it, with the worker's queue (never the one it names)."""
     return WorkerView(
         worker_id=heartbeat.worker_id,
         status=heartbeat.status,
@@ -64,16 +64,21 @@ def worker_view(heartbeat: Heartbeat, in_flight: int = 0) -> WorkerView:
         services_status=dict(heartbeat.services_status),
         service_errors=dict(heartbeat.service_errors),
         capabilities=list(heartbeat.capabilities),
-        queue=heartbeat.queue,
+        queue=queue,
         last_seen=heartbeat.timestamp,
     )
 
 
 def workers(registry: Registry) -> list[WorkerView]:
     """Every live worker, by id."""
-    snapshot = registry.snapshot()
+    snapshot, keys = registry.snapshot(), registry.keys
     return sorted(
-        (worker_view(hb, snapshot.in_flight.get(hb.worker_id, 0)) for hb in snapshot.heartbeats),
+        (
+            worker_view(
+                hb, keys.worker_queue(hb.worker_id), snapshot.in_flight.get(hb.worker_id, 0)
+            )
+            for hb in snapshot.heartbeats
+        ),
         key=lambda w: w.worker_id,
     )
 

@@ -4,8 +4,8 @@ Every endpoint reads Redis through the app's registry; the views are the ones th
 (:mod:`coordinator.ops.admin`). With a token, every endpoint but ``/healthz`` and the API's
 own documentation wants ``Authorization: Bearer <token>``; without one, :func:`serve` binds
 to a loopback address only. The endpoints themselves are in
-:mod:`coordinator.ops.api_routes`; this module assembles them with the token, the body-size
-limit and the error handlers.
+:mod:`coordinator.ops.api_routes`; this module assembles them with the token and body-size
+gate (:mod:`coordinator.ops.request_gate`) and the error handlers.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import hmac
 import ipaddress
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 import uvicorn
 from celery import Celery
-from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse
@@ -30,9 +30,8 @@ from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
 
 from coordinator.core.errors import ConfigError
-from coordinator.core.settings import CoordinatorSettings
+from coordinator.core.settings import CoordinatorSettings, redact_url
 from coordinator.dispatch.app import create_app, fleet_of
-from coordinator.fleet.registry import redact_url
 from coordinator.ops.api_routes import (
     MAX_CONCURRENT_BROADCASTS,
     BroadcastRequest,
@@ -44,6 +43,7 @@ from coordinator.ops.api_routes import (
     health_router,
     metrics_router,
 )
+from coordinator.ops.request_gate import RequestGate
 from coordinator.recovery.reaper import Reaper
 
 __all__ = [
@@ -113,9 +113,9 @@ def create_api(app: Celery, *, token: str | None) -> FastAPI:
         title="ai-task-coordinator",
         summary="Fleet views, broadcast jobs and metrics of a Celery + Redis AI task router",
     )
-    # A middleware, not a dependency: it runs before routing, so an oversized body is refused
-    # (413) before the token is even looked at, and before anything reads the body.
-    api.middleware("http")(_refuse_oversized_body)
+    # Before anything reads a body: the token from the headers, then the body's size as it
+    # streams (the route's token dependency below only documents it in the OpenAPI).
+    api.add_middleware(RequestGate, token=token, max_body_bytes=MAX_BODY_BYTES)
     fleet = fleet_of(app)
     _install_error_handlers(api, fleet.settings)
     api.include_router(health_router(fleet))
@@ -128,19 +128,6 @@ def create_api(app: Celery, *, token: str | None) -> FastAPI:
 def _token_dependencies(token: str | None) -> list[DependsParam]:
     """What every guarded route depends on: the token check, or nothing without a token."""
     return [Depends(TokenGuard(token))] if token else []
-
-
-async def _refuse_oversized_body(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    # Refused before it is read: a body this size is a mistake or an attack.
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        return JSONResponse(
-            {"detail": f"request body over {MAX_BODY_BYTES} bytes (content-length {length!r})"},
-            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-        )
-    return await call_next(request)
 
 
 def _install_error_handlers(api: FastAPI, settings: CoordinatorSettings) -> None:
@@ -212,8 +199,8 @@ def serve(settings: CoordinatorSettings, *, host: str = "127.0.0.1", port: int =
     # tasks without one more process to deploy.
     stop = threading.Event()
     reaper = threading.Thread(
-        target=Reaper(fleet_of(app), settings.grace_s).run,
-        args=(settings.heartbeat_interval_s, stop),
+        target=Reaper(app, settings.reaper_grace_s).run,
+        args=(settings.reaper_interval_s, stop),
         name="reaper",
         daemon=True,
     )

@@ -1,136 +1,139 @@
 """The reaper: moves the work of dead workers to live ones, so a crashed host costs time,
-not tasks (but for kombu's own pop-then-record window; see docs/failure-modes.md).
+not tasks (but for kombu's own pop-then-record window on Redis; see docs/failure-modes.md).
 
 A worker's own queue is consumed by that worker only. When it dies, what waits there would
-wait forever, and kombu's restore of its unacknowledged messages puts them back into the
-same dead queue (after the visibility timeout). The reaper notices a worker whose
-heartbeat expired (and stayed away ``grace_s`` more), and moves every message waiting in
-its queue and every unacknowledged message taken from it to the best live worker, scored
-as usual, or to the service's shared queue when no live worker can take it.
-
-Each message moves in one Lua call that removes exactly that message from where it was and
-pushes the rewritten one where it goes, so a reaper that dies halfway loses or doubles
-nothing, and two reapers never both move one message. The rewrite points the message's
-delivery info at its new queue (a later restore sends it there, not back) and its claim
-header at its new worker. Broadcast shards go to another capable worker; a replicated
-broadcast job for the dead worker is dropped and reported (its broadcast reports
-``timeout`` for that worker).
+wait forever (and on Redis, kombu's restore of its unacknowledged messages puts them back
+into the same dead queue, after the visibility timeout). The reaper notices a worker whose
+heartbeat key is gone (and stayed gone its grace) and moves every message waiting in its
+queue, and on Redis every unacknowledged message taken from it, to the best live worker,
+scored as usual, or to the service's shared queue when no live worker can take it
+(:mod:`~coordinator.recovery.redis_moves`, :mod:`~coordinator.recovery.amqp_moves`). It also
+routes the fleet's tasks out of Celery's default queue, where apps without the fleet router
+send them. Broadcast shards go to another capable worker; a replicated broadcast job for
+the dead worker is dropped and reported (its broadcast reports ``timeout`` for it).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final, Protocol
 
 import redis
+from celery import Celery
 
-from coordinator.broadcast.client import RUN_JOB, select_recipients
-from coordinator.broadcast.job_types import JOB_TYPES
-from coordinator.core.heartbeat import Heartbeat
-from coordinator.dispatch.app import Fleet
-from coordinator.dispatch.router import Route
-from coordinator.fleet.claims import CLAIM_HEADER, claim_header
-from coordinator.fleet.lua import lua_script
+from coordinator.dispatch.app import Fleet, create_app, fleet_of
+from coordinator.fleet.registry_entries import KnownWorker
+from coordinator.recovery.amqp_moves import AmqpMessages
+from coordinator.recovery.redis_moves import RedisMessages
+from coordinator.recovery.report import ReapReport
+from coordinator.recovery.targets import Targets
 
 if TYPE_CHECKING:
     from coordinator.core.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
 
+DEFAULT_GRACE_S: Final = 1.0
+"""A gone heartbeat key is given this much more (at most one heartbeat interval) before
+its worker is reaped: its TTL already covers missed heartbeats."""
 
-@dataclass
-class ReapReport:
-    """What happened to one dead worker's messages."""
 
-    worker_id: str
-    moved: dict[str, int] = field(default_factory=dict)
-    """Target queue -> messages moved there."""
-    dropped: list[str] = field(default_factory=list)
-    """Task ids of replicated broadcast jobs addressed to the dead worker."""
-    lost_race: int = 0
-    """Messages another reaper (or the worker itself) took first."""
+class Messages(Protocol):
+    """How messages move on one broker."""
+
+    def reap(self, report: ReapReport, queue: str) -> None: ...
+
+    def reroute_plain(self, report: ReapReport, queue: str) -> None: ...
 
 
 @dataclass
 class Reaper:
-    """Finds dead workers and moves their messages; one :meth:`scan` per interval."""
+    """Finds dead workers of ``app``'s fleet and moves their messages; one :meth:`scan` a
+    second or so.
 
-    fleet: Fleet
-    grace_s: float
+    A worker is dead once its heartbeat key is gone (its TTL passed without a heartbeat)
+    and stays gone for its grace: ``grace_s`` when set, else the smaller of one second and
+    the worker's own heartbeat interval, as its heartbeat states. So a dead worker's queued
+    tasks run elsewhere about TTL + 2 s after its last heartbeat, whatever this process's
+    own heartbeat settings are.
+    """
+
+    app: Celery
+    grace_s: float | None = None
     clock: Callable[[], float] = time.monotonic
     move_delay_s: float = 0.0
     """Pause between two moves; only tests use it, to kill a reaper halfway."""
+    fleet: Fleet = field(init=False)
+    messages: Messages = field(init=False)
+    _targets: Targets = field(init=False)
     _missing_since: dict[str, float] = field(default_factory=dict)
-    _live: list[Heartbeat] = field(default_factory=list)
-    """The live fleet as read once at the start of a reap, for broadcast shards."""
     _reachable_since: float | None = None
+    _had_outage: bool = False
+    _due_at: float = math.inf
+    """When the next missing worker's grace ends (this reaper's clock)."""
+    _warned: set[tuple[str, float | None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        client = self.fleet.registry.client
-        self._move_queued = client.register_script(lua_script("move_queued"))
-        self._move_unacked = client.register_script(lua_script("move_unacked"))
+        self.fleet = fleet_of(self.app)
+        self._targets = Targets(self.fleet)
+        if self.fleet.settings.broker_is_redis:
+            self.messages = RedisMessages(self.fleet, self._targets, self.move_delay_s)
+        else:
+            self.messages = AmqpMessages(self.app, self.fleet, self._targets, self.move_delay_s)
 
     def scan(self) -> list[ReapReport]:
-        """Look for dead workers once and reap them.
+        """Look for dead workers once and reap them, then route the fleet's tasks out of
+        Celery's default queue.
 
-        A worker is dead when it is known but has no live heartbeat, and has stayed so for
-        ``grace_s`` of this reaper's own observation while Redis answered throughout: after
-        an outage of Redis (when no worker could heartbeat) everyone gets a fresh grace.
+        Dead is judged from this reaper's own observation while Redis answered throughout:
+        a worker already missing when Redis comes back from an outage (when no worker could
+        heartbeat) gets a TTL to heartbeat again. A heartbeat that exists but does not parse
+        is alive: liveness is the key, not its contents.
         """
         now = self.clock()
+        self._due_at = math.inf
         registry = self.fleet.registry
         try:
             known = registry.known_workers()
-            live = {hb.worker_id for hb in registry.live_workers()}
+            alive = registry.alive(known)
         except redis.RedisError as exc:
             log.warning("reaper cannot read the registry, pausing judgement: %s", exc)
             self._missing_since.clear()
-            self._reachable_since = None
+            self._reachable_since, self._had_outage = None, True
             return []
         if self._reachable_since is None:
             self._reachable_since = now
         for worker_id in list(self._missing_since):
-            if worker_id in live or worker_id not in known:
+            if worker_id in alive or worker_id not in known:
                 del self._missing_since[worker_id]
         reports = []
-        for worker_id, queue in sorted(known.items()):
-            if worker_id in live:
+        for worker_id, worker in sorted(known.items()):
+            self._check_settings(worker_id, worker)
+            if worker_id in alive:
                 continue
-            since = max(self._missing_since.setdefault(worker_id, now), self._reachable_since)
-            if now - since >= self.grace_s:
-                reports.append(self.reap(worker_id, queue))
+            missing_since = self._missing_since.setdefault(worker_id, now)
+            grace_s = self._grace_s(worker)
+            if self._had_outage and missing_since <= self._reachable_since:
+                grace_s = max(grace_s, worker.ttl_s or self.fleet.settings.ttl_s)
+            due_at = max(missing_since, self._reachable_since) + grace_s
+            if now >= due_at:
+                reports.append(self.reap(worker_id))
                 self._missing_since.pop(worker_id, None)
+            else:
+                self._due_at = min(self._due_at, due_at)
+        self.reroute_plain()
         return reports
 
-    def reap(self, worker_id: str, queue: str) -> ReapReport:
-        """Move everything of a dead worker: its unacknowledged messages, then its queue."""
+    def reap(self, worker_id: str) -> ReapReport:
+        """Move everything of a dead worker, then forget it."""
         report = ReapReport(worker_id)
-        client = self.fleet.registry.client
-        # The router's snapshot may be older than the heartbeat's expiry: it could still
-        # list the dead worker and send its messages straight back.
-        self.fleet.router.refresh()
-        self._live = self.fleet.registry.live_workers()
-        for tag, entry in client.hscan_iter(self.fleet.keys.unacked):
-            try:
-                payload, _, routing_key = json.loads(entry)
-            except (ValueError, TypeError):
-                continue
-            if routing_key == queue:
-                self._move(report, payload, old=str(entry), tag=str(tag))
-        # Oldest first: kombu pushes on the left and consumers pop on the right.
-        for raw in reversed(client.lrange(queue, 0, -1)):
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                log.warning("reaper: unreadable message in %s left in place", queue)
-                continue
-            self._move(report, payload, old=str(raw), source=queue)
+        self._targets.refresh()
+        self.messages.reap(report, self.fleet.keys.worker_queue(worker_id))
         self.fleet.router.claims.flush()
         self.fleet.registry.forget(worker_id)
         log.warning(
@@ -142,103 +145,63 @@ class Reaper:
         )
         return report
 
+    def reroute_plain(self) -> int:
+        """Route the fleet's tasks out of Celery's default queue (``PLAIN_CELERY_QUEUE``),
+        where an app without the fleet router sends them; other apps' tasks stay where they
+        are, for their own workers. Returns how many were moved."""
+        queue = self.fleet.settings.plain_celery_queue
+        if not queue:
+            return 0
+        report = ReapReport(queue)
+        self.messages.reroute_plain(report, queue)
+        if report.moved:
+            self.fleet.router.claims.flush()
+            log.info("routed out of Celery's default queue %s: %s", queue, report.moved)
+        return sum(report.moved.values())
+
     def run(self, interval_s: float, stop: threading.Event) -> None:
-        """Scan every ``interval_s`` until ``stop`` is set."""
-        while not stop.wait(interval_s):
+        """Scan every ``interval_s``, and when a missing worker's grace ends, until ``stop``
+        is set."""
+        while not stop.wait(min(interval_s, max(self._due_at - self.clock(), 0.05))):
             try:
                 self.scan()
             except Exception:  # the reaper must outlive one bad pass
                 log.exception("reaper pass failed")
 
-    def _move(
-        self,
-        report: ReapReport,
-        payload: dict[str, Any],
-        *,
-        old: str,
-        source: str = "",
-        tag: str | None = None,
-    ) -> None:
-        """Move one message found in list ``source`` or under unacked delivery ``tag``."""
-        target = self._target(payload)
-        queue, new = (target.queue if target else ""), _rewrite(payload, target)
-        if self.move_delay_s:
-            time.sleep(self.move_delay_s)
-        if tag is not None:
-            keys = self.fleet.keys
-            moved = self._move_unacked(
-                keys=[keys.unacked, keys.unacked_index, queue], args=[tag, old, new]
-            )
-        else:
-            moved = self._move_queued(keys=[source, queue], args=[old, new])
-        if moved != 1:
-            report.lost_race += 1  # not ours to move after all: its claim is never confirmed
+    def _grace_s(self, worker: KnownWorker) -> float:
+        if self.grace_s is not None:
+            return self.grace_s
+        return min(DEFAULT_GRACE_S, worker.interval_s or DEFAULT_GRACE_S)
+
+    def _check_settings(self, worker_id: str, worker: KnownWorker) -> None:
+        """Warn once when a worker heartbeats on another interval than this process's
+        settings say: its own figures are used, but routers here assume theirs (leases)."""
+        mine = self.fleet.settings.heartbeat_interval_s
+        if worker.interval_s is None or worker.interval_s == mine:
             return
-        if target is None:
-            report.dropped.append(str(payload.get("headers", {}).get("id")))
-        else:
-            self.fleet.router.confirm(target.claim_id)
-            report.moved[target.queue] = report.moved.get(target.queue, 0) + 1
-
-    def _target(self, payload: dict[str, Any]) -> Route | None:
-        """Where a dead worker's message goes; ``None`` drops it."""
-        headers = payload.get("headers") or {}
-        task = str(headers.get("task", ""))
-        keys = self.fleet.keys
-        spec = self.fleet.router.task_spec(task)
-        if spec is not None:
-            return self.fleet.router.route(task, spec.service, spec.model(*_body(payload)))
-        if task == RUN_JOB:
-            args = _body(payload)[0]
-            job = JOB_TYPES.get(args[0]) if args else None
-            if job is None or job.mode == "replicated":
-                return None
-            capability = args[4] if len(args) > 4 else None
-            live = select_recipients(self._live, capability)
-            if not live:
-                return Route(keys.default_queue, None)
-            best = min(live, key=lambda hb: hb.active_requests)
-            return Route(best.queue or keys.worker_queue(best.worker_id), None)
-        return Route(keys.default_queue, None)
-
-
-def _body(payload: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """A Celery (protocol 2) message's positional and keyword arguments."""
-    try:
-        body = payload["body"]
-        if payload.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
-    except (KeyError, ValueError, TypeError):
-        return [], {}
-    return list(args), dict(kwargs)
-
-
-def _rewrite(payload: dict[str, Any], target: Route | None) -> str:
-    """The message pointed at its new queue and worker; '' when it is dropped."""
-    if target is None:
-        return ""
-    moved = json.loads(json.dumps(payload))
-    headers = moved.setdefault("headers", {})
-    headers.pop(CLAIM_HEADER, None)
-    if target.claim is not None:
-        headers[CLAIM_HEADER] = claim_header(target.claim)
-    properties = moved.setdefault("properties", {})
-    properties["delivery_info"] = {"exchange": target.queue, "routing_key": target.queue}
-    return json.dumps(moved)
+        if (worker_id, worker.interval_s) not in self._warned:
+            self._warned.add((worker_id, worker.interval_s))
+            log.warning(
+                "worker %s heartbeats every %g s (TTL %g s) but HEARTBEAT_INTERVAL_S here is"
+                " %g s: its own figures decide when it is dead; set the same everywhere",
+                worker_id,
+                worker.interval_s,
+                worker.ttl_s or 0.0,
+                mine,
+            )
 
 
 def run_reaper(settings: CoordinatorSettings, *, interval_s: float | None = None) -> None:
-    """``coordinator reaper``: scan every ``interval_s`` (default: the heartbeat interval)
+    """``coordinator reaper``: scan every ``interval_s`` (default: ``REAPER_INTERVAL_S``)
     until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    fleet = Fleet.from_settings(settings)
+    app = create_app(settings, main="reaper")
     stop = threading.Event()
     log.info("reaper watching namespace %s", settings.namespace)
     try:
-        Reaper(fleet, settings.grace_s).run(interval_s or settings.heartbeat_interval_s, stop)
+        Reaper(app, settings.reaper_grace_s).run(interval_s or settings.reaper_interval_s, stop)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
-        fleet.close()
+        fleet_of(app).close()

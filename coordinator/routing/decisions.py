@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from coordinator.routing import POLICIES, SeedPolicy
+from coordinator.routing import POLICIES, Breakdown, SeedPolicy
 
 Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down", "fallback_error"]
+
+
+def decision_json(
+    at: float,
+    policy: str,
+    where: tuple[str, str, str | None, Outcome, str],
+    ranked: Sequence[Breakdown] = (),
+    eligible: int = 0,
+    reason: str | None = None,
+) -> str:
+    """A decision as stored: JSON of a :class:`Decision` (``where``: task, service, model,
+    outcome, queue), built without pydantic and with breakdowns as rows, because the router
+    makes one for every task."""
+    task, service, model, outcome, queue = where
+    return json.dumps(
+        {
+            "at": at,
+            "policy": policy,
+            "task": task,
+            "service": service,
+            "model": model,
+            "outcome": outcome,
+            "queue": queue,
+            "worker_id": ranked[0].worker_id if ranked else None,
+            "eligible": eligible,
+            "candidates": [score.as_row() for score in ranked],
+            "reason": reason,
+        },
+        separators=(",", ":"),
+    )
 
 
 class Decision(BaseModel):

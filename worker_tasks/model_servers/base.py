@@ -96,6 +96,9 @@ class Backend(ABC):
     """Whether the server downloads a model it is asked to (Ollama); the others serve what
     they were started with."""
 
-    def pull(self, client: httpx.Client, endpoint: Endpoint, model: str) -> None:
-        """Download ``model`` onto the server, logging its progress."""
+    def pull(
+        self, client: httpx.Client, endpoint: Endpoint, model: str, deadline_s: float | None = None
+    ) -> None:
+        """Download ``model`` onto the server, logging its progress; give up (a
+        :class:`ServiceUnavailableError`) after ``deadline_s``."""
         raise ServiceError(endpoint.url, f"the {self.api} API cannot download {model!r}")

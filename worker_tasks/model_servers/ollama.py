@@ -129,11 +129,15 @@ class OllamaBackend(Backend):
 
     can_pull = True
 
-    def pull(self, client: httpx.Client, endpoint: Endpoint, model: str) -> None:
+    def pull(
+        self, client: httpx.Client, endpoint: Endpoint, model: str, deadline_s: float | None = None
+    ) -> None:
         """Download ``model`` (``POST /api/pull``), its progress in the worker's log.
 
         Raises:
             ModelNotFoundError: no registry Ollama pulls from has the model.
+            ServiceUnavailableError: the pull failed, or was not done after ``deadline_s``
+                (Ollama keeps what it downloaded: the next pull resumes).
         """
         url = f"{endpoint.url}/api/pull"
         progress = _PullProgress(model)
@@ -142,6 +146,10 @@ class OllamaBackend(Backend):
             if "error" in line:  # a stream reports its failure in-band, after HTTP 200
                 raise _pull_error(url, model, str(line["error"]))
             progress.update(line)
+            if deadline_s is not None and progress.elapsed_s > deadline_s:
+                raise ServiceUnavailableError(
+                    url, f"pulling {model!r}: not done after {deadline_s:g} s"
+                )
         log.info("pulled %s in %.1f s", model, progress.elapsed_s)
 
 

@@ -1,16 +1,30 @@
 -- One round trip for the whole fleet: live heartbeats, in-flight counts and leases. Ids
 -- whose heartbeat has expired are pruned here, so the index never grows without bound, and
--- so are lapsed claims of the live workers.
+-- so are lapsed claims of the live workers. A heartbeat over the size limit, or a key of
+-- another type, is refused here, so a huge entry never crosses the network.
 -- KEYS: the workers set, the leases hash. ARGV: the heartbeat key prefix, the claims key
--- prefix, the early releases key prefix, now (unix s), the down key prefix. Returns {id,
--- heartbeat, ...}, {id, in-flight count, ...}, leases, {id, service, until, ...}.
+-- prefix, the early releases key prefix, now (unix s), the down key prefix, the largest
+-- heartbeat in bytes. Returns {id, heartbeat, ...}, {id, in-flight count, ...}, leases,
+-- {id, service, until, ...}, {id, why refused, ...}.
 local ids = redis.call('SMEMBERS', KEYS[1])
-local beats, flight, down = {}, {}, {}
+local limit = tonumber(ARGV[6])
+local beats, flight, down, refused = {}, {}, {}, {}
 for _, id in ipairs(ids) do
-  local raw = redis.call('GET', ARGV[1] .. id)
-  if raw then
-    beats[#beats + 1] = id
-    beats[#beats + 1] = raw
+  local key = ARGV[1] .. id
+  local size = redis.pcall('STRLEN', key)
+  if type(size) == 'number' and size == 0 and redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    if type(size) ~= 'number' then
+      refused[#refused + 1] = id
+      refused[#refused + 1] = 'not a string'
+    elseif size > limit then
+      refused[#refused + 1] = id
+      refused[#refused + 1] = size .. ' bytes is over ' .. limit
+    else
+      beats[#beats + 1] = id
+      beats[#beats + 1] = redis.call('GET', key)
+    end
     local claims = ARGV[2] .. id
     -- pcall: a key of the wrong type (written by anyone with access) counts as no claims
     -- rather than failing every router's snapshot.
@@ -29,8 +43,6 @@ for _, id in ipairs(ids) do
         down[#down + 1] = marks[i + 1]
       end
     end
-  else
-    redis.call('SREM', KEYS[1], id)
   end
 end
-return {beats, flight, redis.call('HGETALL', KEYS[2]), down}
+return {beats, flight, redis.call('HGETALL', KEYS[2]), down, refused}

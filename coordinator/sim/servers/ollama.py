@@ -74,6 +74,7 @@ from coordinator.sim.servers.ollama_payloads import (
     json_body,
     not_found,
     optional_bool,
+    pull_progress,
     required_model,
     tokens,
     word_count,
@@ -231,28 +232,13 @@ async def _pull(request: Request) -> Response:
     if library is not None and model not in library:
         # Ollama's answer: in-band after HTTP 200 when streaming, else a 500.
         missing = {"error": "pull model manifest: file does not exist"}
-        return (
-            ndjson_response([{"status": "pulling manifest"}, missing])
-            if stream
-            else (json_response(500, missing))
-        )
+        if stream:
+            return ndjson_response([{"status": "pulling manifest"}, missing])
+        return json_response(500, missing)
     _server(request)._memory.add_to_disk(model)
     if not stream:
         return json_response(200, {"status": "success"})
-    digest = f"sha256:{model_digest(model)}"
-    total = model_size(model)
-    downloading = {"status": f"downloading {digest}", "digest": digest, "total": total}
-    return ndjson_response(
-        [
-            {"status": "pulling manifest"},
-            downloading,
-            {**downloading, "completed": total},
-            {"status": "verifying sha256 digest"},
-            {"status": "writing manifest"},
-            {"status": "removing any unused layers"},
-            {"status": "success"},
-        ]
-    )
+    return ndjson_response(pull_progress(model))
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

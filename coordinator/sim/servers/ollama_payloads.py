@@ -14,11 +14,12 @@ import json
 import math
 import re
 from datetime import UTC, datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from starlette.requests import Request
 
 from coordinator.sim.servers.harness import JSONObject
+from coordinator.sim.servers.model_memory import model_digest, model_size
 
 OLLAMA_VERSION: Final = "0.5.0"
 # Simulated per-token costs, so clients computing tokens/s never divide by zero.
@@ -164,3 +165,19 @@ def generate_timings(
         "eval_count": eval_tokens,
         "eval_duration": eval_ns,
     }
+
+
+def pull_progress(model: str) -> list[dict[str, Any]]:
+    """The status lines ``POST /api/pull`` streams for ``model``, as Ollama words them."""
+    digest = f"sha256:{model_digest(model)}"
+    total = model_size(model)
+    downloading = {"status": f"downloading {digest}", "digest": digest, "total": total}
+    return [
+        {"status": "pulling manifest"},
+        downloading,
+        {**downloading, "completed": total},
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+        {"status": "removing any unused layers"},
+        {"status": "success"},
+    ]
