@@ -10,9 +10,10 @@ Two fleets take the same soak, one after the other, on their defaults:
   Celery's own reliability settings (late acks, requeue on a lost worker, prefetch 1).
 
 Each model call takes ``--task-ms`` on its own simulated Ollama. Printed per soak: tasks
-completed, lost (no result when the drain ends: in no queue, or held for the broker's
-redelivery, which on Redis is the one-hour visibility timeout), run twice (model calls
-beyond one per completed task) and the time from the last send to the last result.
+completed; lost (no result when the drain ends), and of those held by kombu as
+unacknowledged on Redis (redelivered after its one-hour visibility timeout; the rest are in
+no list at all); run twice (tasks whose model call was made more than once); and the time
+from the last send to the last result.
 
     .venv/bin/python -m bench.chaos [--broker redis|rabbitmq|both] [--restart slow|fast|both]
         [--tasks 3000] [--duration-s 150] [--drain-s 120]
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -70,6 +72,8 @@ class Outcome:
     twice: int = 0
     drain_s: float = float("nan")
     kills: int = 0
+    held: int = 0
+    """Of the lost: held by kombu as unacknowledged (Redis), not in no list."""
 
 
 def broker_url(soak: Soak, redis_url: str) -> str | None:
@@ -180,23 +184,22 @@ def soak_once(soak: Soak, args: argparse.Namespace) -> Outcome:
             {**base, "OLLAMA_URL": server.url, "EMBEDDINGS_URL": server.url, "OCR_URL": server.url}
         )
     procs = [start_worker(soak, i, env, logdir) for i, env in enumerate(envs)]
-    stop = threading.Event()
+    stop, sent_ids = threading.Event(), set[str]()
     reaper = threading.Thread(target=Reaper(app).run, args=(1.0, stop), daemon=True)
     try:
         time.sleep(8.0)  # workers up (a fleet worker's first heartbeat probes its server)
         if soak.fleet:
             reaper.start()
         sender = app if soak.fleet else _plain_sender(url or args.redis_url, soak.namespace)
-        return _measure(
-            soak, args, sender, servers, procs, envs, logdir, fleet_of(app).registry.client
-        )
+        client = fleet_of(app).registry.client
+        return _measure(soak, args, sender, servers, (procs, envs, logdir), client, sent_ids)
     finally:
         stop.set()
         for proc in procs:
             _stop(proc)
         for server in servers:
             server.stop()
-        _forget(fleet_of(app).registry.client, soak, url)
+        _forget(fleet_of(app).registry.client, soak, url, sent_ids)
         print(f"  logs: {logdir}", file=sys.stderr)
 
 
@@ -205,11 +208,11 @@ def _measure(
     args: argparse.Namespace,
     sender: Celery,
     servers: list[SimulatedModelServer],
-    procs: list[subprocess.Popen[bytes]],
-    envs: list[dict[str, str]],
-    logdir: Path,
+    fleet: tuple[list[subprocess.Popen[bytes]], list[dict[str, str]], Path],
     client: redis.Redis,
+    sent_ids: set[str],
 ) -> Outcome:
+    procs, envs, logdir = fleet
     until, kills = threading.Event(), [0]
     rng = random.Random(args.seed)
     killer = threading.Thread(
@@ -217,20 +220,35 @@ def _measure(
     )
     killer.start()
     sent = publish(sender, soak, args.tasks, args.duration_s)
+    sent_ids.update(sent)
     last_sent = time.time()
     until.set()
     killer.join()
     total = len(sent)
     done = drain(client, soak.namespace, sent, args.drain_s)
-    calls = sum(s.request_count("POST", "/api/generate") for s in servers)
+    calls: Counter[str] = sum((s.prompts for s in servers), Counter())
     completed = total - len(sent)
     return Outcome(
         completed=completed,
         lost=len(sent),
-        twice=max(0, calls - completed),
+        twice=sum(1 for count in calls.values() if count > 1),
         drain_s=max(done, default=last_sent) - last_sent,
         kills=kills[0],
+        held=_held_unacked(client, soak, set(sent)) if soak.broker == "redis" else 0,
     )
+
+
+def _held_unacked(client: redis.Redis, soak: Soak, lost: set[str]) -> int:
+    """The lost tasks kombu holds as unacknowledged (redelivered after its visibility
+    timeout, an hour); the others are in no list at all."""
+    key = f"{soak.namespace}.unacked" if soak.fleet else "unacked"
+    held = 0
+    for _, entry in client.hscan_iter(key):
+        try:
+            held += json.loads(entry)[0]["headers"]["id"] in lost
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+    return held
 
 
 def _plain_sender(broker: str, namespace: str) -> Celery:
@@ -248,9 +266,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _forget(client: redis.Redis, soak: Soak, url: str | None) -> None:
+def _forget(client: redis.Redis, soak: Soak, url: str | None, sent: set[str]) -> None:
     for key in client.scan_iter(match=f"*{soak.namespace}*", count=1000):
         client.unlink(key)
+    if not soak.fleet and url is None:  # plain Celery keeps kombu's unnamespaced hash
+        for tag, entry in client.hscan_iter("unacked"):
+            with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                if json.loads(entry)[0]["headers"]["id"] in sent:
+                    client.hdel("unacked", tag)
+                    client.zrem("unacked_index", tag)
     if url is not None:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", soak.namespace], capture_output=True)
 
@@ -275,14 +299,14 @@ def main() -> None:
     brokers = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
     restarts = ["slow", "fast"] if args.restart == "both" else [args.restart]
     print(f"{args.tasks} tasks over {args.duration_s:g} s, a worker killed every 8-10 s")
-    columns = ("kills", "done", "lost", "twice", "drain s")
+    columns = ("kills", "done", "lost", "held", "twice", "drain s")
     print(f"{'broker':9} {'restart':8} {'who':7} " + " ".join(f"{c:>7}" for c in columns))
     for broker in brokers:
         for restart in restarts:
             for fleet in (True, False):
                 got = soak_once(Soak(broker, restart, fleet), args)
                 who = "fleet" if fleet else "plain"
-                figures = (got.kills, got.completed, got.lost, got.twice)
+                figures = (got.kills, got.completed, got.lost, got.held, got.twice)
                 print(
                     f"{broker:9} {restart:8} {who:7} "
                     + " ".join(f"{n:7d}" for n in figures)

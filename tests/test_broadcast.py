@@ -263,7 +263,11 @@ def test_a_storage_worker_serves_chromadb_and_takes_no_jobs(
         client.heartbeat()
 
 
-@pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
+@pytest.mark.parametrize(
+    ("pool", "broker"),
+    [("solo", "redis"), ("prefork", "redis"), ("threads", "redis"), ("prefork", "rabbitmq")],
+    indirect=["broker"],
+)
 def test_control_messages_act_in_every_worker_under_every_pool(
     app: Celery,
     start_worker: WorkerFactory,

@@ -240,6 +240,8 @@ INVALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "ttl_s": NON_NUMBER | NEGATIVE | st.just(0) | st.just(86_401.0),
     "incarnation": NON_STR | BAD_NAME,
     "started_at": NON_NUMBER | NEGATIVE,
+    "host": NON_STR | BAD_NAME,
+    "pid": NON_NUMBER | st.just(0) | st.just(1.5) | st.integers(min_value=2**31 + 1),
 }
 assert set(INVALID) == set(FIELDS)
 
@@ -286,6 +288,8 @@ VALID: Final[dict[str, st.SearchStrategy[Any]]] = {
     "ttl_s": st.none() | st.floats(1e-3, 86_400.0),
     "incarnation": st.none() | st.text(min_size=1, max_size=32),
     "started_at": st.none() | st.floats(min_value=0.0, allow_infinity=False),
+    "host": st.none() | st.text(min_size=1, max_size=32),
+    "pid": st.none() | st.integers(1, 2**31),
 }
 assert set(VALID) == set(FIELDS)
 

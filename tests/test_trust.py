@@ -5,6 +5,10 @@ inside Redis, model names are names, one rule for credentials in Redis URLs."""
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -13,11 +17,13 @@ from celery import Celery
 
 from coordinator.core.errors import ConfigError, JobError, TaskInputError
 from coordinator.core.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat
-from coordinator.core.settings import CoordinatorSettings, load_settings
+from coordinator.core.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.core.task_spec import TaskSpec
 from coordinator.dispatch.app import fleet_of
 from coordinator.fleet.registry import Registry
 from coordinator.recovery.reaper import Reaper
-from tests.conftest import builtin_task
+from tests.conftest import builtin_task, queued
+from worker_tasks.lifecycle import _other_live_holder
 from worker_tasks.tasks import generate
 
 
@@ -133,3 +139,79 @@ def test_credentials_in_a_redis_urls_query_are_one_clear_error_everywhere(
         load_settings(CoordinatorSettings)
     assert "credentials go in the URL's user part" in str(error.value)
     assert "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+def test_tasks_sent_from_many_threads_all_reach_the_fleet(
+    app: Celery, registry: Registry, settings: CoordinatorSettings
+) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+
+    def publish() -> None:
+        for n in range(25):
+            generate.delay(f"from a thread {n}", model="m")
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    # Every one routed by the fleet's router, none by Celery's fallback app (no router,
+    # broker amqp://localhost), which a thread that did not build the app would otherwise get.
+    assert queued(app, settings.keys.worker_queue("w")) == 200
+
+
+def test_a_message_reaching_a_gone_workers_queue_late_is_moved_too(
+    app: Celery, registry: Registry, settings: CoordinatorSettings
+) -> None:
+    alive = Heartbeat(worker_id="alive", services_status={"vllm": "healthy"}, ttl_s=60.0)
+    registry.publish(alive)
+    known(registry, Heartbeat(worker_id="dead", services_status={"vllm": "healthy"}))
+    reaper = Reaper(app, grace_s=0.0)
+    assert [r.worker_id for r in reaper.scan()] == ["dead"]
+    # A retry's delayed delivery, or a router with an older snapshot, sends it there after.
+    generate.apply_async(("late",), {"model": "m"}, queue=settings.keys.worker_queue("dead"))
+    reaper.scan()
+    assert queued(app, settings.keys.worker_queue("dead")) == 0
+    assert queued(app, settings.keys.worker_queue("alive")) == 1
+    assert "dead" in registry.gone_workers()
+
+
+def test_the_fleets_tasks_behind_many_of_another_apps_are_routed_out_too(
+    app: Celery, registry: Registry, settings: CoordinatorSettings
+) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}, ttl_s=60.0))
+    queue = settings.plain_celery_queue
+    fleet_of(app).registry.publish_task_specs(
+        {"worker_tasks.generate": TaskSpec("vllm", "llama3.2")}
+    )
+    for n in range(450):  # another app's, at the consuming end
+        app.send_task("someone.elses.task", args=[n], queue=queue)
+    app.send_task("worker_tasks.generate", args=["mine"], queue=queue)
+    reaper = Reaper(app)
+    moved = sum(reaper.reroute_plain() for _ in range(4))
+    assert moved == 1
+    assert queued(app, settings.keys.worker_queue("w")) == 1
+    assert queued(app, queue) == 450
+
+
+def test_a_restart_leaves_the_unacknowledged_messages_of_a_live_namesake_alone(
+    registry: Registry, settings: CoordinatorSettings, app: Celery
+) -> None:
+    worker = WorkerSettings(worker_id="twin", **settings.model_dump(exclude={"worker_id"}))
+    here, now = socket.gethostname()[:128], time.time()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        cases = {
+            "alive here": Heartbeat(worker_id="twin", host=here, pid=other.pid),
+            "elsewhere": Heartbeat(worker_id="twin", host="elsewhere", pid=1, timestamp=now),
+        }
+        for case, heartbeat in cases.items():
+            registry.publish(heartbeat)
+            assert _other_live_holder(fleet_of(app), worker) is not None, case
+        other.kill()
+        other.wait()
+        registry.publish(Heartbeat(worker_id="twin", host=here, pid=other.pid))
+        assert _other_live_holder(fleet_of(app), worker) is None  # its process is gone
+    stale = Heartbeat(worker_id="twin", host="other-host", pid=1, timestamp=time.time() - 3600)
+    registry.publish(stale)
+    assert _other_live_holder(fleet_of(app), worker) is None

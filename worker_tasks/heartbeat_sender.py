@@ -9,6 +9,8 @@ what the heartbeat says about that service, never the heartbeat itself.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -135,6 +137,8 @@ class HeartbeatSender:
             ttl_s=self.settings.ttl_s,
             incarnation=self.incarnation,
             started_at=self.started_at,
+            host=socket.gethostname()[:128],
+            pid=os.getpid(),
             model_bytes=probed.model_bytes,
             service_s=self.stats.service_s(),
             mean_service_s=self.stats.mean_service_s(),

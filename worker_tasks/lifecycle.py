@@ -7,6 +7,9 @@ Celery's ``imports``); its hooks act for fleet apps only, so a process may hold 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -17,7 +20,8 @@ from celery.worker import state
 from celery.worker.control import control_command
 
 from coordinator.broadcast.client import CONTROL_COMMANDS
-from coordinator.core.errors import ConfigError, ServiceError
+from coordinator.core.errors import ConfigError, HeartbeatError, ServiceError
+from coordinator.core.heartbeat import parse_heartbeat
 from coordinator.core.settings import REDIS_SCHEMES, WorkerSettings, load_settings, redact_url
 from coordinator.core.task_spec import TaskSpec
 from coordinator.dispatch.app import Fleet, find_fleet
@@ -78,19 +82,59 @@ def _publish_task_specs(app: Celery, fleet: Fleet) -> list[str]:
     return sorted(specs)
 
 
-def _take_back_unacked(app: Celery, fleet: Fleet, queue: str) -> None:
+def _take_back_unacked(
+    app: Celery, fleet: Fleet, settings: WorkerSettings, started_at: float
+) -> None:
     """A restart under the same id (a new incarnation) finds what the last one was running
-    unacknowledged: requeued now, not after the visibility timeout."""
+    unacknowledged: requeued now, not after the visibility timeout, unless the last one may
+    still run (another live process with this id: its tasks must not run twice)."""
     scheme = str(app.conf.broker_url or "").partition("://")[0]
     if scheme not in REDIS_SCHEMES:
         return
+    queue = fleet.keys.worker_queue(settings.worker_id)
     try:
-        moved = requeue_unacked(fleet, queue)
+        holder = _other_live_holder(fleet, settings)
+        if holder is not None:
+            log.error("%s: its unacknowledged messages are left to it", holder)
+            return
+        moved = requeue_unacked(fleet, queue, delivered_before=started_at)
     except redis.RedisError as exc:  # kombu restores them after the visibility timeout
         log.warning("the previous run's unacknowledged messages stay for now: %s", exc)
         return
     if moved:
         log.warning("%d message(s) the previous run took and never finished: requeued", moved)
+
+
+def _other_live_holder(fleet: Fleet, settings: WorkerSettings) -> str | None:
+    """Who else may be running under this worker id, from the id's last heartbeat: a
+    process still alive on this host, or one on another host that heartbeated within its
+    TTL; ``None`` when the last run is dead (or there was none)."""
+    raw = fleet.registry.client.get(fleet.keys.worker(settings.worker_id))
+    try:
+        last = parse_heartbeat(raw, settings.worker_id) if raw else None
+    except HeartbeatError:
+        return None
+    if last is None or last.pid is None or last.host is None:
+        return None
+    here = socket.gethostname()[:128]
+    if last.host == here:
+        if last.pid != os.getpid() and _pid_alive(last.pid):
+            return f"worker id {settings.worker_id} is in use here by process {last.pid}"
+        return None
+    ttl_s = last.ttl_s or settings.ttl_s
+    if last.timestamp is not None and time.time() - last.timestamp < ttl_s:
+        return f"worker id {settings.worker_id} heartbeats from host {last.host} too"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def start(app: Celery, fleet: Fleet) -> WorkerRuntime:
@@ -117,7 +161,7 @@ def start(app: Celery, fleet: Fleet) -> WorkerRuntime:
         except ServiceError as exc:
             raise SystemExit(f"worker cannot start: {exc}") from None
     queue = fleet.keys.worker_queue(settings.worker_id)
-    _take_back_unacked(app, fleet, queue)
+    _take_back_unacked(app, fleet, settings, time.time())
     # Made before the pool forks, so that prefork children inherit its pipe.
     stats = ModelStats()
     sender = HeartbeatSender(

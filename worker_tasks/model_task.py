@@ -50,6 +50,8 @@ EXCLUDED_HEADER = "aiq_excluded"
 """The workers a task's earlier attempts found without its model, carried from retry to
 retry so that a model missing from several workers does not bounce between them."""
 MAX_EXCLUDED = 64
+MAX_PULL_S = 900.0
+"""A pull of a model nobody has gives up after this long, to be retried (and resumed)."""
 
 
 class ModelTask(Task[Any, Any]):
@@ -270,11 +272,11 @@ class ModelTask(Task[Any, Any]):
         if not server.can_pull:
             return False
         log.info("%s is on no live worker: %s pulls it", model, endpoint.url)
-        # Well before the broker would deliver the message again (acks late): a longer pull
-        # goes on at the next attempt, which Ollama resumes.
-        server.pull(
-            client, endpoint, model, deadline_s=self.worker_settings().visibility_timeout_s / 2
-        )
+        # Well before the broker would deliver the message again (Redis's visibility timeout,
+        # RabbitMQ's 30-minute consumer timeout): a longer pull goes on at the next attempt,
+        # which Ollama resumes.
+        deadline_s = min(settings.visibility_timeout_s / 2, MAX_PULL_S)
+        server.pull(client, endpoint, model, deadline_s=deadline_s)
         return True
 
 

@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except redis.RedisError as exc:
         return _unreachable(settings.registry_redis_url, exc, settings)
-    except OperationalError as exc:  # kombu: the broker (REDIS_URL) refused a publish
-        return _unreachable(settings.redis_url, exc, settings)
+    except OperationalError as exc:  # kombu: the broker refused a publish
+        return _unreachable(settings.broker, exc, settings, what="the broker")
     except ImportError as exc:  # serve and demo load their modules (and extras) on demand
         return _fail(f"{args.command} is not available: {exc}", EXIT_FAILED)
 
@@ -346,9 +346,12 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _unreachable(url: str, exc: Exception, settings: CoordinatorSettings) -> int:
-    """One line naming the Redis (password redacted, also in the reason); exit code 1."""
+def _unreachable(
+    url: str, exc: Exception, settings: CoordinatorSettings, what: str = "Redis"
+) -> int:
+    """One line naming the server (password redacted, also in the reason); exit code 1."""
     reason = str(exc) or type(exc).__name__
-    for password in {urlsplit(u).password for u in (settings.redis_url, url)} - {None, ""}:
+    urls = (settings.redis_url, settings.broker, url)
+    for password in {urlsplit(u).password for u in urls} - {None, ""}:
         reason = reason.replace(str(password), "***")
-    return _fail(f"cannot reach Redis at {redact_url(url)}: {reason}", EXIT_FAILED)
+    return _fail(f"cannot reach {what} at {redact_url(url)}: {reason}", EXIT_FAILED)

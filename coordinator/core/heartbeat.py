@@ -94,6 +94,8 @@ class Heartbeat(BaseModel):
     ttl_s: float | None = Field(default=None, gt=0.0, le=86_400.0, strict=True)
     incarnation: Name | None = Field(default=None, description="one id per worker start")
     started_at: float | None = Field(default=None, ge=0.0, strict=True, description="unix s")
+    host: Name | None = Field(default=None, description="where the worker process runs")
+    pid: int | None = Field(default=None, ge=1, le=2**31, strict=True)
     # What the cost-aware policy reads (issue 6); absent from older workers' heartbeats.
     model_bytes: dict[Name, Bytes] = Field(
         default_factory=dict, max_length=MAX_MODELS, description="size of each model known"

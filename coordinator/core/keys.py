@@ -13,9 +13,13 @@ key                                 type    contents
 ``{ns}:workers``                    set     ids of workers that have heartbeated; an id
                                             whose heartbeat key has expired is removed by
                                             the next registry read
-``{ns}:known``                      hash    worker_id -> its queue, for every worker that has
+``{ns}:known``                      hash    worker_id -> JSON of its heartbeat interval,
+                                            TTL and incarnation, for every worker that has
                                             heartbeated and not left cleanly: the reaper
                                             looks here for workers that went silent
+``{ns}:gone``                       hash    worker_id -> when it was reaped or shut down
+                                            (unix s): the reaper drains its queue a while
+                                            more, for messages that arrive late
 ``{ns}:claims:{worker_id}``         zset    one member per message routed to the worker
                                             and not finished (queued or running): its
                                             claim id, scored by the unix time the claim
@@ -105,6 +109,11 @@ class Keys:
     def known(self) -> str:
         """The hash of every worker that heartbeated and did not leave cleanly -> its queue."""
         return f"{self._tag}:known"
+
+    @property
+    def gone(self) -> str:
+        """The hash of workers reaped or shut down, whose queues are drained a while more."""
+        return f"{self._tag}:gone"
 
     def claims(self, worker_id: str) -> str:
         """The sorted set of messages routed to ``worker_id`` and not finished yet."""

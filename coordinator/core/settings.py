@@ -52,8 +52,9 @@ class CoordinatorSettings(BaseSettings):
         default=None, description="Redis of the registry when it is not REDIS_URL"
     )
     namespace: str = Field(default="aiq", min_length=1, max_length=64, pattern=_NAME)
-    heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
-    heartbeat_ttl_s: float | None = Field(default=None, gt=0.0)
+    # Within what a heartbeat may state (coordinator/core/heartbeat.py).
+    heartbeat_interval_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    heartbeat_ttl_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
     routing_policy: str = Field(default="cost", description="see coordinator.routing")
     score_weights: Weights = Field(default_factory=Weights)
     routing_seed: int | None = None

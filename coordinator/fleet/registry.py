@@ -129,6 +129,18 @@ class Registry:
         keys = self.keys
         pipe.delete(keys.claims(worker_id), keys.released(worker_id), keys.down(worker_id))
         pipe.hdel(keys.known, worker_id)
+        # Gone, but its queue may still receive: a retry's delayed delivery, a router whose
+        # snapshot is older, messages a broker gives back late. The reaper keeps draining it.
+        pipe.hset(keys.gone, worker_id, repr(time.time()))
+
+    def gone_workers(self) -> dict[str, float]:
+        """Workers reaped or shut down, and when (unix s): their queues are still drained."""
+        gone = self.client.hgetall(self.keys.gone)
+        return {str(k): seconds_from(str(v)) for k, v in gone.items()}
+
+    def drop_gone(self, worker_id: str) -> None:
+        """Stop draining a gone worker's queue (it is back, or long enough gone)."""
+        self.client.hdel(self.keys.gone, worker_id)
 
     def known_workers(self) -> dict[str, KnownWorker]:
         """Every worker that heartbeated and did not leave cleanly, and how it heartbeats."""

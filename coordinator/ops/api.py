@@ -135,7 +135,7 @@ def _install_error_handlers(api: FastAPI, settings: CoordinatorSettings) -> None
     outage with a 503 naming the (redacted) URL instead of a bare 500."""
     api.exception_handler(RequestValidationError)(_invalid_request)
     api.exception_handler(redis.RedisError)(_unreachable("registry", settings.registry_redis_url))
-    api.exception_handler(OperationalError)(_unreachable("broker", settings.redis_url))
+    api.exception_handler(OperationalError)(_unreachable("broker", settings.broker))
 
 
 def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

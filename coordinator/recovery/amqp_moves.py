@@ -1,10 +1,11 @@
 """Moving messages on RabbitMQ.
 
 RabbitMQ gives a consumer's unacknowledged messages back to their queue when its connection
-dies, so all of a dead worker's messages wait in its queue, and nothing waits on a
-visibility timeout. Each is taken (``basic.get``), published where it goes (the broker
-confirms it: ``confirm_publish``), then acknowledged: a reaper that dies between the two
-leaves a copy in both places, run twice at worst, never lost.
+dies (once it notices: its heartbeat, 60 s, for a host that vanished), so a dead worker's
+messages wait in its queue and nothing waits on a visibility timeout. Each is taken
+(``basic.get``), published where it goes (the broker confirms it: ``confirm_publish``), then
+acknowledged: a reaper that dies between the two leaves a copy in both places, run twice at
+worst, never lost.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from celery import Celery
 from kombu import Connection, Producer, Queue
@@ -46,22 +47,37 @@ class AmqpMessages:
 
     def reap(self, report: ReapReport, queue: str) -> None:
         """Move everything waiting in ``queue``, oldest first."""
-        with self.app.connection_for_write() as connection:
+        with self._connection() as connection:
             for message in self._taken(connection, queue, MAX_MOVED):
-                self._move(report, connection, message)
+                if not self._move(report, connection, message, source=queue):
+                    break
 
     def reroute_plain(self, report: ReapReport, queue: str) -> None:
-        """Route the fleet's tasks out of ``queue``; other apps' tasks go back in place."""
-        with self.app.connection_for_write() as connection:
-            others = []
+        """Route the fleet's tasks out of ``queue``, up to the first task of another app,
+        which goes back at the head: AMQP cannot look past it without taking it, and a
+        message taken and returned again and again counts against a quorum queue's
+        delivery limit (keep Celery's default queue a classic one, as Celery declares it)."""
+        with self._connection() as connection:
             for message in self._taken(connection, queue, PLAIN_SCANNED):
                 task = str((message.headers or {}).get("task", ""))
                 if self.fleet.router.task_spec(task) is None:
-                    others.append(message)
-                else:
-                    self._move(report, connection, message)
-            for message in others:
-                message.reject(requeue=True)
+                    message.reject(requeue=True)
+                    return
+                self._move(report, connection, message)
+
+    def retire(self, queue: str) -> None:
+        """Delete a gone worker's queue once drained, when nobody consumes it (a worker back
+        under that id declares it again)."""
+        with self._connection() as connection:
+            try:
+                bound = Queue(queue, channel=connection.default_channel, no_declare=True)
+                bound.delete(if_unused=True, if_empty=True)
+            except connection.channel_errors as exc:  # in use, not empty, or gone already
+                log.debug("queue %s kept: %s", queue, exc)
+
+    def _connection(self) -> Connection:
+        # Celery's broker connection pool (its type stubs call it a producer pool).
+        return cast(Connection, self.app.pool.acquire(block=True))
 
     def _taken(self, connection: Connection, queue: str, limit: int) -> Iterator[Message]:
         """Up to ``limit`` messages of ``queue``, one at a time, unacknowledged; none when it
@@ -77,9 +93,19 @@ class AmqpMessages:
                 return
             yield message
 
-    def _move(self, report: ReapReport, connection: Connection, message: Message) -> None:
-        headers: dict[str, Any] = dict(message.headers or {})
+    def _move(
+        self, report: ReapReport, connection: Connection, message: Message, source: str = ""
+    ) -> bool:
+        """Publish ``message`` where it goes now, then acknowledge it; ``False`` (and the
+        message left in place) when that is ``source`` again: its worker is back."""
+        # The broker's own headers (x-death, x-delivery-count) describe the old delivery.
+        headers: dict[str, Any] = {
+            k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")
+        }
         target = self.targets.target(headers, *protocol_2_arguments(message.body or b""))
+        if target is not None and target.queue == source:
+            message.reject(requeue=True)
+            return False
         if self.move_delay_s:
             time.sleep(self.move_delay_s)
         if target is not None:
@@ -99,6 +125,7 @@ class AmqpMessages:
             )
         message.ack()
         report.record(headers, target, self.fleet)
+        return True
 
 
 def _kept(properties: dict[str, Any]) -> dict[str, Any]:

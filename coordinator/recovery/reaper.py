@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DRAINED_FOR_S: Final = 300.0
+"""A gone worker's queue is drained this long: longer than a retry's longest backoff (60 s),
+a router's snapshot, and RabbitMQ noticing a dead connection (its heartbeat, 60 s)."""
 DEFAULT_GRACE_S: Final = 1.0
 """A gone heartbeat key is given this much more (at most one heartbeat interval) before
 its worker is reaped: its TTL already covers missed heartbeats."""
@@ -49,6 +52,8 @@ class Messages(Protocol):
     def reap(self, report: ReapReport, queue: str) -> None: ...
 
     def reroute_plain(self, report: ReapReport, queue: str) -> None: ...
+
+    def retire(self, queue: str) -> None: ...
 
 
 @dataclass
@@ -118,16 +123,43 @@ class Reaper:
                 continue
             missing_since = self._missing_since.setdefault(worker_id, now)
             grace_s = self._grace_s(worker)
-            if self._had_outage and missing_since <= self._reachable_since:
-                grace_s = max(grace_s, worker.ttl_s or self.fleet.settings.ttl_s)
+            ttl_s = worker.ttl_s or self.fleet.settings.ttl_s
+            if self._had_outage and missing_since < self._reachable_since + ttl_s:
+                # Silent while Redis was away, or since: a TTL to heartbeat again.
+                grace_s = max(grace_s, ttl_s)
             due_at = max(missing_since, self._reachable_since) + grace_s
             if now >= due_at:
                 reports.append(self.reap(worker_id))
                 self._missing_since.pop(worker_id, None)
             else:
                 self._due_at = min(self._due_at, due_at)
+        self.drain_gone()
         self.reroute_plain()
         return reports
+
+    def drain_gone(self) -> int:
+        """Drain again the queues of workers reaped or shut down in the last
+        :data:`DRAINED_FOR_S`: messages still arrive there (a retry's delayed delivery, a
+        router with an older snapshot, messages a broker gives back once it notices a dead
+        connection); afterwards their queues are retired. Returns how many were moved."""
+        registry, wall = self.fleet.registry, time.time()
+        gone = registry.gone_workers()
+        back = registry.alive(gone)
+        moved = 0
+        for worker_id, since in sorted(gone.items()):
+            queue = self.fleet.keys.worker_queue(worker_id)
+            if worker_id in back or wall - since > DRAINED_FOR_S:
+                registry.drop_gone(worker_id)
+                if worker_id not in back:
+                    self.messages.retire(queue)
+                continue
+            report = ReapReport(worker_id)
+            self.messages.reap(report, queue)
+            if report.moved or report.dropped:
+                self.fleet.router.claims.flush()
+                log.warning("moved what reached gone worker %s late: %s", worker_id, report.moved)
+            moved += sum(report.moved.values())
+        return moved
 
     def reap(self, worker_id: str) -> ReapReport:
         """Move everything of a dead worker, then forget it."""

@@ -14,7 +14,7 @@ import base64
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from coordinator.dispatch.app import Fleet
@@ -38,6 +38,8 @@ class RedisMessages:
     targets: Targets
     move_delay_s: float = 0.0
     """Pause between two moves; only tests use it, to kill a reaper halfway."""
+    _plain_offset: int = field(default=0, init=False)
+    """Where the next scan of Celery's default queue starts, from its consuming end."""
 
     def __post_init__(self) -> None:
         client = self.fleet.registry.client
@@ -64,10 +66,14 @@ class RedisMessages:
             self._move(report, payload, old=str(raw), source=queue)
 
     def reroute_plain(self, report: ReapReport, queue: str) -> None:
-        """Route the fleet's tasks out of ``queue``; other apps' tasks stay in place."""
+        """Route the fleet's tasks out of ``queue``; other apps' tasks stay in place. Each
+        scan reads the next :data:`PLAIN_SCANNED` messages from the consuming end, so the
+        fleet's tasks behind many of another app's are reached too."""
         client = self.fleet.registry.client
-        # The consuming end (kombu pushes left, pops right), oldest first.
-        for raw in reversed(client.lrange(queue, -PLAIN_SCANNED, -1)):
+        end = -1 - self._plain_offset
+        raws = client.lrange(queue, end - PLAIN_SCANNED + 1, end)
+        self._plain_offset = self._plain_offset + len(raws) if len(raws) == PLAIN_SCANNED else 0
+        for raw in reversed(raws):  # kombu pushes left and pops right: oldest first
             try:
                 payload = json.loads(raw)
             except ValueError:
@@ -75,6 +81,9 @@ class RedisMessages:
             task = str((payload.get("headers") or {}).get("task", ""))
             if self.fleet.router.task_spec(task) is not None:
                 self._move(report, payload, old=str(raw), source=queue)
+
+    def retire(self, queue: str) -> None:
+        """Nothing to do: Redis deletes an empty list by itself."""
 
     def _move(
         self,
@@ -103,12 +112,12 @@ class RedisMessages:
         report.record(payload.get("headers") or {}, target, self.fleet)
 
 
-def requeue_unacked(fleet: Fleet, queue: str) -> int:
-    """Give ``queue`` back the messages a previous run of its worker took and never
-    acknowledged, and return how many: for a worker restarted under its id before it
-    consumes, so they run now rather than after ``VISIBILITY_TIMEOUT_S``, and before the
-    reaper, which sees the id alive again, would act. Redis broker only: RabbitMQ gives
-    them back itself when the consumer's connection dies."""
+def requeue_unacked(fleet: Fleet, queue: str, delivered_before: float) -> int:
+    """Give ``queue`` back the messages a previous run of its worker took from it before
+    ``delivered_before`` (unix s: this run's start) and never acknowledged, and return how
+    many: for a worker restarted under its id, so they run now rather than after
+    ``VISIBILITY_TIMEOUT_S``, and before the reaper, which sees the id alive again, would
+    act. Redis broker only: RabbitMQ gives them back itself when the connection dies."""
     client, keys = fleet.registry.client, fleet.keys
     move = client.register_script(lua_script("move_unacked"))
     moved = 0
@@ -117,7 +126,8 @@ def requeue_unacked(fleet: Fleet, queue: str) -> int:
             payload, _, routing_key = json.loads(entry)
         except (ValueError, TypeError):
             continue
-        if routing_key == queue:
+        delivered_at = client.zscore(keys.unacked_index, tag)
+        if routing_key == queue and delivered_at is not None and delivered_at < delivered_before:
             args = [str(tag), str(entry), json.dumps(payload)]
             moved += int(move(keys=[keys.unacked, keys.unacked_index, queue], args=args))
     return moved

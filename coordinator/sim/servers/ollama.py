@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -155,6 +156,7 @@ async def _generate(request: Request) -> Response:
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
         raise OllamaError(400, '"prompt" must be a string')
+    server.prompts[prompt] += 1
     attached = images(payload)
     stream = optional_bool(payload, "stream", default=True)
     raw = optional_bool(payload, "raw", default=False)
@@ -279,6 +281,8 @@ class SimulatedModelServer(SimulatedServer):
     load_bps: float | None = None
     library: frozenset[str] | None = None
     """The models a pull finds (Ollama's library); ``None``: any name."""
+    prompts: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+    """How often each prompt was generated for (a benchmark counts tasks run twice)."""
 
     _memory: ModelMemory = field(init=False, repr=False)
     _harness: Harness = field(init=False, repr=False)
