@@ -126,8 +126,10 @@ def requeue_unacked(fleet: Fleet, queue: str, delivered_before: float) -> int:
             payload, _, routing_key = json.loads(entry)
         except (ValueError, TypeError):
             continue
+        if routing_key != queue:
+            continue  # another queue's: no delivery time to look up
         delivered_at = client.zscore(keys.unacked_index, tag)
-        if routing_key == queue and delivered_at is not None and delivered_at < delivered_before:
+        if delivered_at is not None and delivered_at < delivered_before:
             args = [str(tag), str(entry), json.dumps(payload)]
             moved += int(move(keys=[keys.unacked, keys.unacked_index, queue], args=args))
     return moved
