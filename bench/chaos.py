@@ -43,12 +43,12 @@ from typing import Final
 import redis
 from celery import Celery
 
+from bench.processes import ROOT, celery_worker, stop_group
 from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.recovery.reaper import Reaper
 from coordinator.sim.servers.ollama import SimulatedModelServer
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 WORKERS: Final = 3
 RESTARTS: Final = {"slow": (2.0, 4.0), "fast": (0.5, 1.5)}
 KILL_EVERY_S: Final = (8.0, 10.0)
@@ -93,20 +93,9 @@ def start_worker(
     """A worker in a process group of its own, so a kill takes its pool too."""
     worker_id = f"w{index + 1}"
     module = "worker_tasks" if soak.fleet else "bench.plain_celery"
-    command = [sys.executable, "-m", "celery", "-A", module, "worker", "-n", f"{worker_id}@%h"]
-    command += ["-P", "prefork", "-c", "2", "-l", "WARNING", "--without-mingle"]
-    command += ["--without-gossip"]
-    if not soak.fleet:
-        command += ["-Q", f"{soak.namespace}.plain"]
-    with (logdir / f"{worker_id}.log").open("ab") as log_file:
-        return subprocess.Popen(
-            command,
-            env={**env, "WORKER_ID": worker_id},
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    extra = () if soak.fleet else ("-Q", f"{soak.namespace}.plain")
+    env = {**env, "WORKER_ID": worker_id}
+    return celery_worker(module, worker_id, env, logdir / f"{worker_id}.log", extra=extra)
 
 
 def chaos(
@@ -196,7 +185,7 @@ def soak_once(soak: Soak, args: argparse.Namespace) -> Outcome:
     finally:
         stop.set()
         for proc in procs:
-            _stop(proc)
+            stop_group(proc)
         for server in servers:
             server.stop()
         _forget(fleet_of(app).registry.client, soak, url, sent_ids)
@@ -255,15 +244,6 @@ def _plain_sender(broker: str, namespace: str) -> Celery:
     sender = Celery("plain-sender", broker=broker, set_as_current=False)
     sender.conf.update(task_serializer="json", accept_content=["json"])
     return sender
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _forget(client: redis.Redis, soak: Soak, url: str | None, sent: set[str]) -> None:

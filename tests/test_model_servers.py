@@ -4,6 +4,7 @@ servers, routed by the load those servers publish."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -219,3 +220,28 @@ def test_the_router_leaves_a_server_busy_with_other_clients(
     finally:
         busy.stop()
         idle.stop()
+
+
+def test_a_process_keeps_one_pooled_client_until_it_closes_it() -> None:
+    client = model_servers.shared_client(7.0)
+    assert model_servers.shared_client(7.0) is client
+    model_servers.close_clients()
+    assert client.is_closed
+    fresh = model_servers.shared_client(7.0)
+    assert fresh is not client
+    assert not fresh.is_closed
+    model_servers.close_clients()
+
+
+def test_a_forked_pool_child_makes_its_own_client_even_while_the_lock_was_held() -> None:
+    parent = model_servers.shared_client(7.0)
+    with model_servers._lock:  # a probe thread holds it as the prefork pool forks
+        pid = os.fork()
+        if pid == 0:  # the child: a client of its own, at once, not the parent's
+            ok = model_servers.shared_client(7.0) is not parent
+            os._exit(0 if ok else 1)
+    done = wait_for(lambda: (r := os.waitpid(pid, os.WNOHANG))[0] and r, 10.0, "the child")
+    assert isinstance(done, tuple)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert not parent.is_closed  # the parent's stays the parent's
+    model_servers.close_clients()

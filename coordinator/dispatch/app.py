@@ -198,9 +198,17 @@ def _configure(app: Celery, fleet: Fleet) -> None:
         task_reject_on_worker_lost=True,
         # Model calls are long; a worker must not hoard messages another worker could run.
         worker_prefetch_multiplier=1,
-        task_track_started=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # No STARTED state: nothing reads it, and it cost every task a second result write
+        # (a GET, then SET and PUBLISH) in the pool child.
+        task_track_started=False,
+        # Task events (received, started, succeeded: three Redis PUBLISHes per task from
+        # the main process, the largest per-task cost) only while someone watches: Flower
+        # switches them on as it runs; `celery control enable_events` or `worker -E` too.
+        worker_send_task_events=False,
+        # No task-sent event either: it is a second publish (a second Redis client and round
+        # trip) for every task, which halved the publish rate, and no control command can
+        # switch it back on. Flower sees a task from the worker's events once received.
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         **(_redis_broker(settings) if settings.broker_is_redis else _rabbitmq_broker()),
     )

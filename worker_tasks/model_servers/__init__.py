@@ -2,7 +2,8 @@
 
 :func:`backend` resolves a service's configured API, detecting it by probing when it is
 ``auto``; :func:`shared_client` is the process's one pooled HTTP client, reused by every
-probe and task (creating one costs tens of milliseconds of CPU: its TLS context).
+probe and task (creating one costs tens of milliseconds of CPU: its TLS context), and
+:func:`close_clients` closes it as the process ends.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "ServerLoad",
     "ServerState",
     "backend",
+    "close_clients",
     "connect",
     "shared_client",
 ]
@@ -93,6 +95,28 @@ def shared_client(timeout_s: float) -> httpx.Client:
         if client is None:
             client = _clients[key] = httpx.Client(timeout=timeout_s)
         return client
+
+
+def close_clients() -> None:
+    """Close this process's pooled clients (their kept-alive connections); a later
+    :func:`shared_client` makes a new one."""
+    with _lock:
+        mine = [key for key in _clients if key[0] == os.getpid()]
+        closing = [_clients.pop(key) for key in mine]
+    for client in closing:
+        client.close()
+
+
+def _after_fork_in_child() -> None:
+    # A prefork pool forks while the main process's probe thread may hold the lock: the
+    # child gets a fresh one, or its first task could wait forever. The parent's clients
+    # stay the parent's: dropped here, never closed or used (their sockets are shared).
+    global _lock
+    _lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def probe(client: httpx.Client, endpoint: Endpoint) -> ServerState:
