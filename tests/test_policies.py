@@ -194,7 +194,7 @@ def test_a_worker_with_the_model_in_memory_wins_until_its_queue_is_slower() -> N
     # policy may charge more for what queues behind, never less.
     n = crossover(fleet, "warm", "cold")
     assert n > 0
-    assert n <= next(k for k in range(100) if 2.0 * k + 2.0 > fresh_load)
+    assert n <= next(k for k in range(1000) if 2.0 * k + 2.0 > fresh_load)
     assert estimates(fleet, in_flight={"warm": n})["warm"].queue_s == 2.0 * n
     assert estimates(fleet, in_flight={"warm": n})["cold"].total == fresh_load
 

@@ -138,6 +138,9 @@ def test_registry_write_lands_under_the_namespace_only(
         settings.keys.known,
         settings.keys.claims("w1"),
         settings.keys.decisions,
+        settings.keys.seq,
+        settings.keys.changes,
+        settings.keys.beat_changes,
     }
 
 

@@ -228,6 +228,9 @@ class BrokenPolicy(CostPolicy):
     def rank(self, pool: Any, **kwargs: Any) -> Any:
         raise ZeroDivisionError("a bug in the policy")
 
+    def sort_key(self, candidate: Any, load: int) -> float:
+        raise ZeroDivisionError("a bug in the policy")
+
 
 def test_a_routing_bug_falls_back_and_logs_its_traceback_once(
     registry: Registry, caplog: pytest.LogCaptureFixture

@@ -96,8 +96,8 @@ def test_an_oversized_heartbeat_is_refused_inside_redis(
     keys = registry.keys
     prefixes = [keys.worker_prefix, keys.claims_prefix, keys.released_prefix]
     shipped = registry._snapshot_script(
-        keys=[keys.workers, keys.leases],
-        args=[*prefixes, time.time(), keys.down_prefix, MAX_HEARTBEAT_BYTES],
+        keys=[keys.workers, keys.leases, keys.seq, keys.changes, keys.demand, keys.beat_changes],
+        args=[*prefixes, time.time(), keys.down_prefix, MAX_HEARTBEAT_BYTES, "all"],
     )
     assert sum(len(str(part)) for part in shipped) < 10_000
     with caplog.at_level(logging.WARNING, logger="coordinator.fleet.registry"):

@@ -38,6 +38,21 @@ key                                 type    contents
                                             model, expected in memory at ``ready_at``; the
                                             entry is void after ``expires_at`` and pruned by
                                             the next lease taken
+``{ns}:seq``                        string  the fleet's change counter: bumped by every
+                                            write a router must see (a heartbeat, a claim
+                                            batch, a release, a mark, a departure)
+``{ns}:changes``                    zset    worker_id -> the change counter at its last
+                                            change: a router reads only the workers
+                                            changed since its last read
+``{ns}:beat_changes``               zset    worker_id -> the change counter at its last
+                                            heartbeat: a router re-reads a heartbeat only
+                                            when it is new
+``{ns}:demand``                     hash    model -> ``"rate at"``: requests per second
+                                            for the model over every publisher,
+                                            exponentially decayed, as of ``at`` (unix s)
+``{ns}:backlog``                    zset    worker_id -> messages waiting in its own
+                                            queue, posted by each worker with some: where
+                                            an idle worker looks for work to steal
 ``{ns}:tasks``                      hash    task name -> its :class:`TaskSpec` (JSON), as
                                             the workers that run it declare it: how a
                                             process without the task's code routes it
@@ -141,6 +156,31 @@ class Keys:
     def released_prefix(self) -> str:
         """The common prefix of every early-releases key (used by the Lua scripts)."""
         return f"{self._tag}:released:"
+
+    @property
+    def seq(self) -> str:
+        """The fleet's change counter."""
+        return f"{self._tag}:seq"
+
+    @property
+    def changes(self) -> str:
+        """Each worker's change counter at its last change (sorted set)."""
+        return f"{self._tag}:changes"
+
+    @property
+    def beat_changes(self) -> str:
+        """Each worker's change counter at its last heartbeat (sorted set)."""
+        return f"{self._tag}:beat_changes"
+
+    @property
+    def demand(self) -> str:
+        """Each model's request rate over every publisher."""
+        return f"{self._tag}:demand"
+
+    @property
+    def backlog(self) -> str:
+        """The backlog board of work stealing (sorted set)."""
+        return f"{self._tag}:backlog"
 
     @property
     def leases(self) -> str:

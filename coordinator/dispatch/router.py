@@ -16,6 +16,7 @@ from celery import signals
 
 from coordinator.core.keys import Keys
 from coordinator.core.task_spec import TaskSpec
+from coordinator.dispatch.pools import PoolKey, Pools
 from coordinator.dispatch.route import Route
 from coordinator.dispatch.task_lookup import TaskLookup
 from coordinator.fleet import counters
@@ -28,18 +29,16 @@ from coordinator.fleet.claims import (
     new_claim_id,
     parse_claim,
 )
-from coordinator.fleet.registry import Registry, Snapshot
+from coordinator.fleet.fleet_view import FleetView
+from coordinator.fleet.registry import Registry
 from coordinator.routing import Breakdown, CostPolicy, Policy
 from coordinator.routing.decisions import Outcome, decision_json
-from coordinator.routing.demand import Demand
+from coordinator.routing.demand import Demand, decayed, merged
 from coordinator.routing.interface import MIN_LEASE_GRACE_S
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-KEPT_CANDIDATES: Final = 5
-"""Breakdowns kept per decision in Redis; ``explain`` shows the whole fleet."""
 
 WARN_EVERY_S: Final = 10.0
 
@@ -80,20 +79,18 @@ class FleetRouter:
     claim_lapse_s: float = 3600.0
     """A claim whose message nothing releases (lost) stops counting after this long."""
     demand: Demand = field(default_factory=Demand)
-    """The models this router has been asked for: a policy may add copies of the busy
-    ones (each publisher sees its own share of the demand)."""
+    """The models this router has been asked for. A policy may add copies of the busy ones;
+    it sees the fleet's demand over every publisher (counted in Redis with the claims), or
+    this router's own where that is larger (Redis away, a batch not written yet)."""
 
     tasks: TaskLookup = field(init=False, repr=False)
     """What each task declares (the router's :meth:`task_spec`)."""
     claims: ClaimBuffer = field(init=False, repr=False)
-    _snapshot: Snapshot | None = field(default=None, init=False, repr=False)
-    _snapshot_at: float = field(default=float("-inf"), init=False, repr=False)
-    _pools: dict[tuple[str, str | None], list[Any]] = field(
-        default_factory=dict, init=False, repr=False
-    )
-    _in_flight: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    _leases: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
-    """The snapshot's leases, with the ones this router took or learnt of since."""
+    fleet: FleetView = field(init=False, repr=False)
+    """The fleet as this router has read it: a refresh reads only what changed."""
+    pools: Pools = field(init=False, repr=False)
+    """The candidates per service and model, from the last refresh."""
+    _refreshed_at: float = field(default=float("-inf"), init=False, repr=False)
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -101,6 +98,9 @@ class FleetRouter:
 
     def __post_init__(self) -> None:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
+        self.claims.demand_tau_s = self.demand.tau_s
+        self.fleet = FleetView(self.registry)
+        self.pools = Pools(self.policy, self.rng)
         self.unsent = UnsentClaims(self.claims)
         self.tasks = TaskLookup(self.registry, refresh_s=self.refresh_s, clock=self.clock)
         # Weak: the signal must not keep a discarded router (a test's, a CLI's) alive.
@@ -177,32 +177,28 @@ class FleetRouter:
         now = self.clock()
         if model is not None:
             self.demand.record(model, now)
+            self.claims.ask(model)
         if now < self._down_until:
             return self._fallback(task, service, model, "fallback_registry_down", started)
         try:
-            pool = self._pool(service, model, now)
+            pool = self._pool((service, model), now)
         except redis.RedisError as exc:
             self._down_until = now + self.retry_after_s
             return self._fallback(task, service, model, "fallback_registry_down", started, exc)
-        if exclude:
-            pool = [c for c in pool if c.heartbeat.worker_id not in exclude]
-        ranked = self.policy.rank(
-            pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
-        )
-        if not ranked:
+        ranked, chosen, eligible = self.pools.rank((service, model), pool, exclude)
+        if chosen is None:
             return self._fallback(task, service, model, "fallback_no_worker", started)
-        chosen = self._candidate(pool, ranked[0].worker_id)
         load = self.policy.starts_load(chosen, ranked[0])
         if load is not None:
-            pool, ranked, chosen = self._lease_or_rerank(
-                service, model, load, (pool, ranked, chosen), exclude
+            ranked, chosen, eligible = self._lease_or_rerank(
+                service, model, load, (ranked, chosen, eligible), exclude
             )
         winner, heartbeat = ranked[0], chosen.heartbeat
         # Never the queue a heartbeat names: a forged one would collect tasks nobody reads.
         queue = self.keys.worker_queue(winner.worker_id)
-        self._in_flight[winner.worker_id] = self._in_flight.get(winner.worker_id, 0) + 1
+        self.pools.routed(winner.worker_id)
         decision = (
-            self._decision(task, service, model, "routed", queue, ranked, len(pool))
+            self._decision(task, service, model, "routed", queue, ranked, eligible)
             if self.decisions_kept > 0
             else None
         )
@@ -220,7 +216,7 @@ class FleetRouter:
             winner.worker_id,
             self.policy.name,
             winner.total,
-            len(pool),
+            eligible,
         )
         if log.isEnabledFor(logging.DEBUG):
             for score in ranked:
@@ -239,58 +235,36 @@ class FleetRouter:
         with self._lock:
             now = self.clock()
             self._refresh(now)
-            pool = self._pool(service, model, now)
-            return self.policy.rank(pool, in_flight=self._in_flight)
+            pool = self._pool((service, model), now)
+            return self.policy.rank(pool, in_flight=self.pools.in_flight)
 
-    def _pool(self, service: str, model: str | None, now: float) -> list[Any]:
-        if self._snapshot is None or now - self._snapshot_at >= self.refresh_s:
+    def _pool(self, key: PoolKey, now: float) -> list[Any]:
+        if self.pools.snapshot is None or now - self._refreshed_at >= self.refresh_s:
             self._refresh(now)
-        pool = self._pools.get((service, model))
-        return self._prepare(service, model) if pool is None else pool
-
-    def _prepare(self, service: str, model: str | None) -> list[Any]:
-        """The policy's pool from the current snapshot and lease view, kept until either
-        changes."""
-        assert self._snapshot is not None
-        pool = self.policy.prepare(
-            self._snapshot.heartbeats,
-            service,
-            model,
-            leases=self._leases,
-            now=self.wall_clock(),
-            demand=self.demand.rates(self.clock()),
-        )
-        self._pools[service, model] = pool
-        return pool
-
-    @staticmethod
-    def _candidate(pool: Sequence[Any], worker_id: str) -> Any:
-        return next(c for c in pool if c.heartbeat.worker_id == worker_id)
+        return self.pools.pool(key, self.wall_clock())
 
     def _lease_or_rerank(
         self,
         service: str,
         model: str | None,
         load: tuple[str, float],
-        decision: tuple[list[Any], list[Breakdown], Any],
+        decision: tuple[list[Breakdown], Any, int],
         exclude: frozenset[str],
-    ) -> tuple[list[Any], list[Breakdown], Any]:
+    ) -> tuple[list[Breakdown], Any, int]:
         """Take the lease ``chosen`` needs to load ``load``'s model before routing to it.
 
         Refused (another router's load is news to this one): rank once more with the
         fresh holders, and take the lease the new winner needs in turn, if any; refused
         again, or Redis failing, route anyway: a load too many costs less than a task
-        bounced around. Returns the pool, ranking and candidate to route by.
+        bounced around. Returns the ranking, candidate and eligible count to route by.
         """
-        pool, ranked, chosen = decision
+        _, chosen, _ = decision
         if self._take_lease(load, chosen.heartbeat.worker_id) is not False:
             return decision
         # Same snapshot, fresh holders: never empty, and no Redis call on the way.
-        pool = [c for c in self._prepare(service, model) if c.heartbeat.worker_id not in exclude]
-        ranked = self.policy.rank(
-            pool, in_flight=self._in_flight, rng=self.rng, limit=KEPT_CANDIDATES
-        )
-        chosen = self._candidate(pool, ranked[0].worker_id)
+        key = (service, model)
+        decision = self.pools.rank(key, self.pools.prepare(key, self.wall_clock()), exclude)
+        ranked, chosen, _ = decision
         again = self.policy.starts_load(chosen, ranked[0])
         if again is not None and self._take_lease(again, chosen.heartbeat.worker_id) is False:
             log.info(
@@ -298,7 +272,7 @@ class FleetRouter:
                 again[0],
                 chosen.heartbeat.worker_id,
             )
-        return pool, ranked, chosen
+        return decision
 
     def _take_lease(self, load: tuple[str, float], worker_id: str) -> bool | None:
         """Whether the lease on ``worker_id`` loading ``load`` was granted; ``None`` when
@@ -306,7 +280,7 @@ class FleetRouter:
         model, ready_in_s = load
         now = self.wall_clock()
         ready_at = now + ready_in_s
-        expected = frozenset(self._leases.get(model, ()))
+        expected = frozenset(self.pools.leases.get(model, ()))
         try:
             result = self.registry.acquire_lease(
                 model, worker_id, ready_at, ready_at + self.lease_grace_s, expected, now
@@ -321,23 +295,22 @@ class FleetRouter:
                 worker_id,
             )
             return None
-        self._leases[model] = result.holders
-        # Pools for the model carry the old holders; other models' pools are still true.
-        for key in [k for k in self._pools if k[1] == model]:
-            self._pools.pop(key, None)
+        self.pools.leased(model, result.holders)
         return result.granted
 
     def _refresh(self, now: float) -> None:
         self.unsent.prune(now)
         self.claims.flush()
-        snapshot = self.registry.snapshot(self.wall_clock())
+        wall = self.wall_clock()
+        update = self.fleet.refresh(wall)
         # Claims still buffered (Redis refused the flush) are part of the load all the same.
-        in_flight = dict(snapshot.in_flight)
+        in_flight = dict(update.snapshot.in_flight)
         for worker_id, count in self.claims.pending().items():
             in_flight[worker_id] = in_flight.get(worker_id, 0) + count
-        self._snapshot, self._snapshot_at, self._pools = snapshot, now, {}
-        self._in_flight = in_flight
-        self._leases = {model: dict(holders) for model, holders in snapshot.leases.items()}
+        shared = decayed(update.demand, wall, self.demand.tau_s)
+        demand = merged(shared, self.demand.rates(now))
+        self.pools.update(update, in_flight, demand, now)
+        self._refreshed_at = now
 
     def _decision(
         self,

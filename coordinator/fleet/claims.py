@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ Claim = tuple[str, str]
 
 def new_claim_id() -> str:
     """A fresh claim id: one per routed message (a retry is a new message, a new claim)."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # a uuid4's randomness, without building a UUID per task
 
 
 def claim_header(claim: Claim) -> list[str]:
@@ -76,11 +75,14 @@ class ClaimBuffer:
     """A claim nothing releases (its message lost) stops counting after this long."""
     flush_s: float = 0.05
     max_batch: int = 256
+    demand_tau_s: float = 60.0
+    """Time constant of the fleet's demand rates (see :mod:`coordinator.routing.demand`)."""
     clock: Callable[[], float] = time.monotonic
 
     _claims: dict[str, list[str]] = field(default_factory=dict, init=False)
     _decisions: list[str] = field(default_factory=list, init=False)
     _counters: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
+    _asked: dict[str, int] = field(default_factory=dict, init=False)
     _first_at: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _timer: threading.Timer | None = field(default=None, init=False)
@@ -115,6 +117,12 @@ class ClaimBuffer:
         else:
             self._arm_timer()
 
+    def ask(self, model: str) -> None:
+        """Count one request for ``model`` in the fleet's demand, written with the next
+        batch (a request's claim follows it there, and the timer takes the tail)."""
+        with self._lock:
+            self._asked[model] = self._asked.get(model, 0) + 1
+
     def pending(self) -> dict[str, int]:
         """Claims not written yet, per worker."""
         with self._lock:
@@ -127,12 +135,19 @@ class ClaimBuffer:
         """
         with self._lock:
             claims, decisions, counters = self._claims, self._decisions, self._counters
+            asked, self._asked = self._asked, {}
             self._claims, self._decisions, self._counters, self._first_at = {}, [], {}, None
-        if not claims and not decisions and not counters:
+        if not claims and not decisions and not counters and not asked:
             return {}
         try:
             written = self.registry.claim_many(
-                claims, decisions, self.decisions_kept, counters, self.lapse_s
+                claims,
+                decisions,
+                self.decisions_kept,
+                counters,
+                self.lapse_s,
+                asked,
+                self.demand_tau_s,
             )
         except redis.RedisError as exc:
             if not self._failing:
@@ -143,6 +158,8 @@ class ClaimBuffer:
                     self._claims.setdefault(worker_id, [])[:0] = ids
                 for key, amount in counters.items():
                     self._counters[key] = self._counters.get(key, 0.0) + amount
+                for model, requests in asked.items():
+                    self._asked[model] = self._asked.get(model, 0) + requests
                 self._decisions[:0] = decisions
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
                 self._first_at = self._first_at or self.clock()
@@ -167,7 +184,7 @@ class ClaimBuffer:
     def _on_timer(self) -> None:
         self.flush()
         with self._lock:
-            left = bool(self._claims or self._decisions or self._counters)
+            left = bool(self._claims or self._decisions or self._counters or self._asked)
         if left:  # Redis was away: try again later
             self._timer = None
             self._arm_timer(RETRY_S)

@@ -8,6 +8,7 @@ API turns the hashes into Prometheus metrics (:mod:`coordinator.ops.metrics`).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
@@ -47,7 +48,7 @@ def fell_back(keys: Keys, service: str, reason: str, latency_s: float) -> list[C
 
 def _latency(keys: Keys, seconds: float) -> list[Count]:
     key = keys.metrics("latency")
-    edge = next(b for b in LATENCY_BUCKETS_S if seconds <= b)
+    edge = LATENCY_BUCKETS_S[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
     return [(key, bucket_label(edge), 1.0), (key, "sum", seconds), (key, "count", 1.0)]
 
 

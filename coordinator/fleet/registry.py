@@ -24,13 +24,17 @@ from coordinator.core.keys import Keys
 from coordinator.core.task_spec import TaskSpec
 from coordinator.fleet.lua import lua_script
 from coordinator.fleet.registry_entries import (
+    FleetRead,
     KnownWorker,
     count_from,
+    demand_from,
     lease_field,
     leases_from,
+    marks_from,
     ready_at_from,
     seconds_from,
     unreachable_from,
+    with_marks,
 )
 
 log = logging.getLogger(__name__)
@@ -95,20 +99,31 @@ class Registry:
 
     def __post_init__(self) -> None:
         self._snapshot_script = self.client.register_script(lua_script("snapshot"))
+        self._heartbeat_script = self.client.register_script(lua_script("heartbeat"))
+        self._touch_script = self.client.register_script(lua_script("touch"))
         self._claim_script = self.client.register_script(lua_script("claim"))
         self._release_script = self.client.register_script(lua_script("release"))
         self._lease_script = self.client.register_script(lua_script("lease"))
 
     def publish(self, heartbeat: Heartbeat) -> None:
         """Write one heartbeat; it disappears by itself ``ttl_s`` after the last write."""
-        pipe = self.client.pipeline(transaction=False)
+        keys = self.keys
         # The worker's own TTL when it says one: the reaper and the key must agree on it.
         ttl_ms = max(int(heartbeat.ttl_s * 1000), 1) if heartbeat.ttl_s else self._ttl_ms
-        pipe.set(self.keys.worker(heartbeat.worker_id), heartbeat.to_json(), px=ttl_ms)
-        pipe.sadd(self.keys.workers, heartbeat.worker_id)
         known = KnownWorker(heartbeat.interval_s, heartbeat.ttl_s, heartbeat.incarnation)
-        pipe.hset(self.keys.known, heartbeat.worker_id, known.to_json())
-        pipe.execute()
+        worker_id = heartbeat.worker_id
+        self._heartbeat_script(
+            keys=[
+                keys.worker(worker_id),
+                keys.workers,
+                keys.known,
+                keys.seq,
+                keys.changes,
+                keys.claims(worker_id),
+                keys.beat_changes,
+            ],
+            args=[worker_id, heartbeat.to_json(), ttl_ms, known.to_json(), repr(time.time())],
+        )
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker at once (clean shutdown)."""
@@ -116,6 +131,7 @@ class Registry:
         pipe.delete(self.keys.worker(worker_id))
         pipe.srem(self.keys.workers, worker_id)
         self._forget(pipe, worker_id)
+        self.touch(worker_id, pipe=pipe)
         pipe.execute()
 
     def forget(self, worker_id: str) -> None:
@@ -123,6 +139,7 @@ class Registry:
         marks and place among the known workers (its heartbeat has expired already)."""
         pipe = self.client.pipeline(transaction=False)
         self._forget(pipe, worker_id)
+        self.touch(worker_id, pipe=pipe)
         pipe.execute()
 
     def _forget(self, pipe: redis.client.Pipeline, worker_id: str) -> None:
@@ -139,8 +156,18 @@ class Registry:
         return {str(k): seconds_from(str(v)) for k, v in gone.items()}
 
     def drop_gone(self, worker_id: str) -> None:
-        """Stop draining a gone worker's queue (it is back, or long enough gone)."""
-        self.client.hdel(self.keys.gone, worker_id)
+        """Stop draining a gone worker's queue (it is back, or long enough gone), and drop
+        its change counter (every router has long seen it go)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hdel(self.keys.gone, worker_id)
+        pipe.zrem(self.keys.changes, worker_id)
+        pipe.zrem(self.keys.beat_changes, worker_id)
+        pipe.execute()
+
+    def touch(self, *worker_ids: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Move ``worker_ids``' change counters: the routers' next reads fetch them."""
+        keys = [self.keys.seq, self.keys.changes]
+        self._touch_script(keys=keys, args=list(worker_ids), client=pipe or self.client)
 
     def known_workers(self) -> dict[str, KnownWorker]:
         """Every worker that heartbeated and did not leave cleanly, and how it heartbeats."""
@@ -159,43 +186,67 @@ class Registry:
 
     def snapshot(self, now: float | None = None) -> Snapshot:
         """Every live, well-formed heartbeat, the in-flight counts and the leases unexpired
-        at ``now`` (unix s; default: this host's clock), in one round trip.
+        at ``now`` (unix s; default: this host's clock), in one round trip."""
+        at = time.time() if now is None else now
+        read = self.read(None, at)
+        unreachable = unreachable_from(read.marks, at)
+        heartbeats = tuple(
+            with_marks(hb, unreachable.get(worker_id))
+            for worker_id, (hb, _) in read.heartbeats.items()
+        )
+        in_flight = {k: v for k, v in read.in_flight.items() if v > 0}
+        return Snapshot(heartbeats, in_flight, read.leases)
+
+    def read(self, since: int | None = None, now: float | None = None) -> FleetRead:
+        """The registry's entries in one round trip: of every worker, or (``since``, a change
+        counter from an earlier read) of the workers changed since (see ``snapshot.lua``).
 
         A malformed heartbeat is skipped with a warning naming the worker (once per distinct
         payload, so a broken worker does not flood the log at every refresh).
         """
         at = time.time() if now is None else now
-        beats, flight, leases, down, refused = self._snapshot_script(
-            keys=[self.keys.workers, self.keys.leases],
+        keys = self.keys
+        seq, beats, flight, leases, down, refused, gone, demand = self._snapshot_script(
+            keys=[
+                keys.workers,
+                keys.leases,
+                keys.seq,
+                keys.changes,
+                keys.demand,
+                keys.beat_changes,
+            ],
             args=[
-                self.keys.worker_prefix,
-                self.keys.claims_prefix,
-                self.keys.released_prefix,
+                keys.worker_prefix,
+                keys.claims_prefix,
+                keys.released_prefix,
                 repr(at),
-                self.keys.down_prefix,
+                keys.down_prefix,
                 MAX_HEARTBEAT_BYTES,
+                "all" if since is None else since,
             ],
         )
+        unusable = set(refused[::2])
         for worker_id, why in zip(refused[::2], refused[1::2], strict=True):
             self._warn_once(worker_id, why, HeartbeatError(worker_id, why))
-        unreachable = unreachable_from(down, at)
-        heartbeats = []
-        for worker_id, raw in zip(beats[::2], beats[1::2], strict=True):
+        heartbeats: dict[str, tuple[Heartbeat, float | None]] = {}
+        for worker_id, raw, pttl in zip(beats[::3], beats[1::3], beats[2::3], strict=True):
             try:
                 heartbeat = parse_heartbeat(raw, worker_id)
             except HeartbeatError as exc:
                 self._warn_once(worker_id, raw, exc)
+                unusable.add(worker_id)
                 continue
-            services = unreachable.get(worker_id)
-            if services:
-                # Newer news than the heartbeat: a task could not reach these services.
-                status = {**heartbeat.services_status, **dict.fromkeys(services, "unhealthy")}
-                errors = {**heartbeat.service_errors, **services}
-                update = {"services_status": status, "service_errors": errors}
-                heartbeat = heartbeat.model_copy(update=update)
-            heartbeats.append(heartbeat)
-        in_flight = {k: count_from(v) for k, v in zip(flight[::2], flight[1::2], strict=True)}
-        return Snapshot(tuple(heartbeats), in_flight, leases_from(leases, at))
+            heartbeats[worker_id] = (heartbeat, int(pttl) / 1000 if int(pttl) >= 0 else None)
+        return FleetRead(
+            seq=int(seq),
+            heartbeats=heartbeats,
+            unusable=frozenset(unusable),
+            gone=tuple(gone),
+            in_flight={k: count_from(v) for k, v in zip(flight[::2], flight[1::2], strict=True)},
+            marks=marks_from(down),
+            leases=leases_from(leases, at),
+            demand=demand_from(demand),
+        )
 
     def live_workers(self) -> list[Heartbeat]:
         """Every live, well-formed heartbeat."""
@@ -208,18 +259,25 @@ class Registry:
         keep: int,
         counters: Mapping[tuple[str, str], float] | None = None,
         lapse_s: float = 3600.0,
+        asked: Mapping[str, int] | None = None,
+        demand_tau_s: float = 60.0,
     ) -> dict[str, int]:
-        """Add ``claims`` (worker -> claim ids) to the workers' in-flight sets, ``counters``
-        to their hash fields (``(key, field) -> amount``) and keep ``decisions``, in one
-        command. A claim nothing releases lapses ``lapse_s`` from now.
+        """Add ``claims`` (worker -> claim ids) to the workers' in-flight sets, ``asked``
+        (model -> requests) to the fleet's demand, ``counters`` to their hash fields
+        (``(key, field) -> amount``) and keep ``decisions``, in one command. A claim nothing
+        releases lapses ``lapse_s`` from now.
 
         Returns the new in-flight count of each claimed worker.
         """
-        lapse_at = repr(time.time() + lapse_s)
+        now = time.time()
         args: list[str | int | float] = [keep, self.keys.claims_prefix, self.keys.released_prefix]
-        args += [lapse_at, len(claims)]
+        args += [repr(now + lapse_s), repr(now), demand_tau_s, len(claims)]
         for worker_id, ids in claims.items():
             args += [worker_id, len(ids), *ids]
+        asked = asked or {}
+        args.append(len(asked))
+        for model, requests in asked.items():
+            args += [model, requests]
         counters = counters or {}
         args.append(len(counters))
         for (key, name), amount in counters.items():
@@ -228,7 +286,8 @@ class Registry:
         # unpack() takes a few thousand values at most, hence the cap.
         if keep > 0:
             args += decisions[-min(keep, MAX_DECISIONS_PER_WRITE) :]
-        flat = self._claim_script(keys=[self.keys.decisions], args=args)
+        keys = [self.keys.decisions, self.keys.seq, self.keys.changes, self.keys.demand]
+        flat = self._claim_script(keys=keys, args=args)
         return {str(k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
     def acquire_lease(
@@ -269,10 +328,15 @@ class Registry:
         a second release changes nothing, and a release that comes before the claim is
         written keeps the claim from being added. ``False`` when no written claim was
         there."""
-        keys = [self.keys.claims(worker_id), self.keys.released(worker_id)]
+        keys = [
+            self.keys.claims(worker_id),
+            self.keys.released(worker_id),
+            self.keys.seq,
+            self.keys.changes,
+        ]
         # A tombstone only bridges the time a claim may wait in its publisher's buffer.
         lapse_at = repr(time.time() + min(lapse_s, TOMBSTONE_S))
-        return bool(self._release_script(keys=keys, args=[claim_id, lapse_at]))
+        return bool(self._release_script(keys=keys, args=[claim_id, lapse_at, worker_id]))
 
     def mark_unreachable(self, worker_id: str, service: str, for_s: float, why: str = "") -> None:
         """Count ``worker_id``'s ``service`` as unhealthy for ``for_s``: a task found it
@@ -283,6 +347,7 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, service, f"{now!r} {now + for_s!r} {why[:MAX_REASON]}")
         pipe.pexpire(key, max(1, math.ceil(for_s * 1000)))
+        self.touch(worker_id, pipe=pipe)
         pipe.execute()
 
     def clear_unreachable(self, worker_id: str, healthy: Sequence[str], probed_at: float) -> None:
@@ -296,7 +361,10 @@ class Registry:
             if str(service) in healthy and seconds_from(str(value).split(" ")[0]) < probed_at
         ]
         if stale:
-            self.client.hdel(key, *stale)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(key, *stale)
+            self.touch(worker_id, pipe=pipe)
+            pipe.execute()
 
     def publish_task_specs(self, specs: Mapping[str, TaskSpec]) -> None:
         """Declare the routed tasks a worker runs (each worker writes the same for its code)."""

@@ -5,10 +5,62 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from coordinator.core.heartbeat import MAX_ACTIVE
+from coordinator.core.heartbeat import MAX_ACTIVE, Heartbeat
+
+Marks = Mapping[str, Sequence[tuple[str, str]]]
+"""worker_id -> (service, "marked_at until why") for each service a task found unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRead:
+    """What one read of the registry found (:meth:`Registry.read`)."""
+
+    seq: int
+    """The fleet's change counter when read."""
+    heartbeats: dict[str, tuple[Heartbeat, float | None]]
+    """worker_id -> its heartbeat and the seconds its key has to live (``None``: no TTL)."""
+    unusable: frozenset[str]
+    """Workers whose heartbeat is there but malformed or refused: not routable."""
+    gone: tuple[str, ...]
+    """Workers read whose heartbeat is gone."""
+    in_flight: dict[str, int]
+    """worker_id -> in-flight count, zero included, for every worker read."""
+    marks: dict[str, list[tuple[str, str]]]
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)
+    demand: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """model -> (requests per second, unix time it was last updated)."""
+
+
+def with_marks(heartbeat: Heartbeat, services: Mapping[str, str] | None) -> Heartbeat:
+    """``heartbeat`` with ``services`` (service -> why) counted unhealthy: newer news than
+    the heartbeat, since a task could not reach them."""
+    if not services:
+        return heartbeat
+    status = {**heartbeat.services_status, **dict.fromkeys(services, "unhealthy")}
+    errors = {**heartbeat.service_errors, **services}
+    return heartbeat.model_copy(update={"services_status": status, "service_errors": errors})
+
+
+def marks_from(flat: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """The script's flat ``id, service, value`` triples by worker."""
+    marks: dict[str, list[tuple[str, str]]] = {}
+    for worker_id, service, value in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+        marks.setdefault(str(worker_id), []).append((str(service), str(value)))
+    return marks
+
+
+def demand_from(flat: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """model -> (rate, at) from the demand hash; a bad entry is skipped."""
+    demand = {}
+    for model, value in zip(flat[::2], flat[1::2], strict=True):
+        rate, _, at = str(value).partition(" ")
+        r, t = seconds_from(rate), seconds_from(at)
+        if math.isfinite(r) and math.isfinite(t) and r > 0:
+            demand[str(model)] = (r, t)
+    return demand
 
 
 def lease_field(model: str, worker_id: str) -> str:
@@ -44,14 +96,15 @@ def ready_at_from(text: str, now: float) -> float:
     return ready_at if math.isfinite(ready_at) else now
 
 
-def unreachable_from(flat: Sequence[str], now: float) -> dict[str, dict[str, str]]:
+def unreachable_from(marks: Marks, now: float) -> dict[str, dict[str, str]]:
     """worker_id -> {service: why} for services marked unreachable and not yet back."""
-    marks: dict[str, dict[str, str]] = {}
-    for worker_id, service, value in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
-        _, until, why = (*str(value).split(" ", 2), "", "")[:3]  # "marked_at until why"
-        if seconds_from(until) > now:
-            marks.setdefault(worker_id, {})[service] = why or "unreachable from a task"
-    return marks
+    out: dict[str, dict[str, str]] = {}
+    for worker_id, pairs in marks.items():
+        for service, value in pairs:
+            _, until, why = (*value.split(" ", 2), "", "")[:3]  # "marked_at until why"
+            if seconds_from(until) > now:
+                out.setdefault(worker_id, {})[service] = why or "unreachable from a task"
+    return out
 
 
 def seconds_from(text: str) -> float:

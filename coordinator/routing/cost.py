@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal, NamedTuple
 
-from coordinator.core.heartbeat import TIER_CPU, TIER_GPU, TIER_STORAGE, Heartbeat, is_eligible
-from coordinator.routing.interface import NO_LEASES, Breakdown, Leases, Policy
+from coordinator.core.heartbeat import Heartbeat, is_eligible
+from coordinator.routing.cost_fleet import GB as GB
+from coordinator.routing.cost_fleet import TIER_SLOWDOWN as TIER_SLOWDOWN
+from coordinator.routing.cost_fleet import CostFleetView, slowdown
+from coordinator.routing.interface import NO_LEASES, Breakdown, KeyedPolicy, Leases
 
 ModelState = Literal["memory", "loading", "disk", "absent", "none"]
 
+BALANCE_CAP: Final = 0.5
+"""The most a worker's expected busy time over the fleet's mean counts in the balance term
+(as a fraction of the mean)."""
 
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """The cost policy's breakdown: estimated seconds until the task is done there."""
+
+class Estimate(NamedTuple):
+    """The cost policy's breakdown: estimated seconds until the task is done there.
+
+    A named tuple: the router builds a few for every task, and a frozen dataclass takes
+    several times as long to build."""
 
     worker_id: str
     state: ModelState
@@ -33,17 +41,7 @@ class Estimate:
 
     def as_row(self) -> list[float | str]:
         """The worker id, then :attr:`CostPolicy.factors` in order (the state first)."""
-        return [
-            self.worker_id,
-            self.state,
-            self.queue_s,
-            self.download_s,
-            self.load_s,
-            self.evict_s,
-            self.hold_s,
-            self.run_s,
-            self.total,
-        ]
+        return list(self)
 
     def as_dict(self) -> dict[str, float | str]:
         """Named, rounded for people, with the model's state on the worker."""
@@ -53,9 +51,11 @@ class Estimate:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class CostCandidate:
-    """One worker's time-to-serve estimate for one model, less what depends on its load."""
+class CostCandidate(NamedTuple):
+    """One worker's time-to-serve estimate for one model, less what depends on its load.
+
+    A named tuple: a pool is rebuilt, one per eligible worker, whenever the fleet changes,
+    and a frozen dataclass takes several times as long to build."""
 
     heartbeat: Heartbeat
     worker_id: str
@@ -78,65 +78,8 @@ class CostCandidate:
     tie-break no breakdown shows that lets a worker specialised in the service win ties."""
 
 
-GB: Final = 1_000_000_000
-TIER_SLOWDOWN: Final = {TIER_GPU: 1.0, TIER_CPU: 4.0, TIER_STORAGE: 8.0}
-"""How much longer a task runs on each tier than on a GPU, until the worker has measured its
-own times: a prior, replaced by measurements as they arrive. A 3B model generates about 4x
-slower on a server CPU than on a mid-range GPU; a storage host's CPU is weaker still."""
-
-
-@dataclass(frozen=True, slots=True)
-class _FleetView:
-    """What one ``prepare`` knows about the fleet beyond a single worker."""
-
-    heartbeats: Sequence[Heartbeat]
-    service: str
-    copies: Mapping[str, int]
-    """Workers holding each model in memory."""
-    demand: Mapping[str, float] | None
-    busy_until: Mapping[str, float]
-    """Per worker, when the last load it holds a lease for should be done (unix s)."""
-    default_bytes: int
-    default_run_s: float
-    load_bps: float
-    """The fleet's mean measured load bandwidth: for workers that have not measured theirs."""
-    mean_s: float
-    """The fleet's mean task time, on a GPU's scale: for workers that have not measured
-    theirs."""
-
-    # Every candidate asks about the same few models: scanning the fleet each time would
-    # make ``prepare`` quadratic in the fleet's size.
-    _sizes: dict[str, int] = field(default_factory=dict)
-    _runs: dict[str, float | None] = field(default_factory=dict)
-
-    def size(self, model: str) -> int:
-        """The model's size as any worker reported it (the largest), else the default."""
-        known = self._sizes.get(model)
-        if known is None:
-            found = [s for hb in self.heartbeats if (s := hb.model_bytes.get(model)) is not None]
-            known = self._sizes[model] = max(found) if found else self.default_bytes
-        return known
-
-    def run_s(self, model: str) -> float | None:
-        """The model's mean task time over the workers that measured it, on a GPU's scale."""
-        if model not in self._runs:
-            runs = [
-                t / slowdown(hb)
-                for hb in self.heartbeats
-                if (t := hb.service_s.get(model)) is not None
-            ]
-            self._runs[model] = sum(runs) / len(runs) if runs else None
-        return self._runs[model]
-
-    def wanted(self, model: str) -> float:
-        """Workers' worth of demand for ``model``: requests/s x its run seconds."""
-        rate = self.demand.get(model, 0.0) if self.demand is not None else 0.0
-        run_s = self.run_s(model)
-        return rate * (run_s if run_s is not None else self.default_run_s)
-
-
 @dataclass
-class CostPolicy(Policy[CostCandidate]):
+class CostPolicy(KeyedPolicy[CostCandidate]):
     """Lowest estimated time to serve: queue wait + model download/load + eviction + run.
 
     * queue wait: the worker's requests (the larger of heartbeat and in-flight count) times
@@ -153,7 +96,16 @@ class CostPolicy(Policy[CostCandidate]):
       somewhere; the load need not). On top, a load counts ``load_weight - 1`` times over
       unless demand calls for another copy of the model (``replicate_above``). Without
       this a fleet near saturation trades one cold load for the next until nothing is warm,
-      and warm workers take queues while others idle;
+      and warm workers take queues while others idle. A model with more than
+      ``replicate_share`` fair shares of the fleet's work per copy calls for another copy
+      too, however idle the fleet: one copy of a model with a fifth of the work keeps its
+      worker far busier than the rest;
+    * balance (in hold): the run again ``balance_weight`` times by how much busier than the
+      fleet's mean the demand for the models a worker holds should keep it (credited when
+      idler; on a load, the model counts as held), scaled by the idle share of the fleet.
+      Left to latency alone, an idle-ish fleet sends everything to warm GPUs: slower
+      workers idle and a few fast ones carry the popular models, so one worker does far
+      more than its share;
     * eviction: the expected cost of reloading the model this load would evict, when the
       copies left would not serve its demand (with no demand figures: when no other
       worker holds it);
@@ -174,10 +126,24 @@ class CostPolicy(Policy[CostCandidate]):
     default_load_bps: float = 1.0 * GB
     default_download_bps: float = 0.1 * GB
     default_model_bytes: int = 4 * GB
-    load_weight: float = 1.5
+    load_weight: float = 10.0
+    """How many times over a load is charged unless demand calls for another copy: a load
+    evicts a model that some later request must load again, and each load delays the
+    requests queued behind it (1.5 made 2-22x the cold loads of the affinity baseline on
+    the Azure traces; 20 halves them at load 1.3 but leaves a lone hot copy queueing
+    longer before a second is loaded; 30 costs up to 1.5x the median latency)."""
     replicate_above: float = 0.5
     """Demand per copy in memory (workers' worth) above which another copy is worth its
     load at face value."""
+    replicate_share: float = 1.3
+    """Share of the fleet's work per copy, in workers' fair shares (1 / eligible workers),
+    above which another copy is worth its load at face value, however idle the fleet."""
+    balance_weight: float = 5.0
+    """How many times over the run is charged per unit of a worker's expected busy time
+    over the fleet's mean (and credited under it), scaled by the share of the fleet's
+    capacity left idle: 0 turns the balance term off. The Azure traces at load 0.5 leave
+    most of the fleet idle, and put up to 1.7x the mean busy time on one worker without it;
+    higher weights move more models (cold loads) for little more balance."""
     queue_weight: float = 0.5
     """Share of the task's own run time charged again per request queued on the worker."""
     demand_horizon_s: float = 60.0
@@ -209,11 +175,12 @@ class CostPolicy(Policy[CostCandidate]):
                 busy_until[worker_id] = max(ready_at, busy_until.get(worker_id, ready_at))
         bandwidths = [hb.load_bps for hb in fleet if hb.load_bps is not None]
         means = [hb.mean_service_s / slowdown(hb) for hb in fleet if hb.mean_service_s is not None]
-        view = _FleetView(
+        view = CostFleetView(
             fleet,
             service,
             copies,
             demand,
+            leases,
             busy_until,
             self.default_model_bytes,
             self.default_service_s,
@@ -222,9 +189,7 @@ class CostPolicy(Policy[CostCandidate]):
         )
         loading = leases.get(model, {}) if model is not None else {}
         weight = self.load_weight
-        if model is not None and view.wanted(model) > self.replicate_above * (
-            copies.get(model, 0) + len(loading)
-        ):
+        if model is not None and self._wants_copy(view, model, copies.get(model, 0) + len(loading)):
             weight = 1.0
         fleet_run_s = view.run_s(model) if model is not None else None
         return [
@@ -236,7 +201,7 @@ class CostPolicy(Policy[CostCandidate]):
     def _candidate(
         self,
         hb: Heartbeat,
-        view: _FleetView,
+        view: CostFleetView,
         model: str | None,
         fleet_run_s: float | None,
         loading: Mapping[str, float],
@@ -251,7 +216,8 @@ class CostPolicy(Policy[CostCandidate]):
         load_bps = hb.load_bps or view.load_bps
         # Whatever the model, a task queues behind the loads the worker is doing.
         ready_in_s = max(0.0, view.busy_until.get(hb.worker_id, now) - now)
-        download_s = load_s = evict_s = hold_s = hold_per_request_s = 0.0
+        download_s = load_s = evict_s = hold_per_request_s = 0.0
+        hold_s = self._balance_s(hb, view, model, run_s, cold=False)
         state: ModelState
         if model is None:
             state = "none"
@@ -264,7 +230,8 @@ class CostPolicy(Policy[CostCandidate]):
             load_s = view.size(model) / load_bps
             if state == "absent":
                 download_s = view.size(model) / (hb.download_bps or self.default_download_bps)
-            hold_s = (download_s + load_s) * (weight - 1.0)
+            hold_s = self._balance_s(hb, view, model, run_s, cold=True)
+            hold_s += (download_s + load_s) * (weight - 1.0)
             hold_per_request_s = download_s + load_s
             victim = hb.would_evict
             if victim is not None and victim != model:
@@ -292,6 +259,30 @@ class CostPolicy(Policy[CostCandidate]):
             sort_s=fixed_s + server_wait_s - preference_s,
         )
 
+    def _wants_copy(self, view: CostFleetView, model: str, held: int) -> bool:
+        """Whether demand calls for another copy of ``model``: more demand per copy than
+        ``replicate_above`` workers' worth, or a larger share of the fleet's work per copy
+        than ``replicate_share`` workers' fair share (one copy of a model with a fifth of
+        the work keeps its worker far busier than the rest even when the fleet idles)."""
+        if view.wanted(model) > self.replicate_above * held:
+            return True
+        eligible = sum(1 for hb in view.heartbeats if is_eligible(hb, view.service))
+        return held > 0 and view.share(model) / held > self.replicate_share / max(1, eligible)
+
+    def _balance_s(
+        self, hb: Heartbeat, view: CostFleetView, model: str | None, run_s: float, cold: bool
+    ) -> float:
+        """The run again, ``balance_weight`` times over, by how much busier than the fleet's
+        mean the demand should keep the worker (negative when idler), the task's model
+        counted when it would load there. Capped above, so that a worker far over the mean
+        does not make every load elsewhere look cheaper (that churned models)."""
+        if model is None or self.balance_weight <= 0:
+            return 0.0
+        excess = view.excess(hb, adding=model if cold else None)
+        if excess is None:
+            return 0.0
+        return self.balance_weight * run_s * min(excess, BALANCE_CAP)
+
     def _server_wait_s(self, hb: Heartbeat, service: str, per_request_s: float) -> float:
         """The server's own queue beyond the worker's requests (those are counted already),
         and one request more when its KV cache is nearly full: it would queue or preempt."""
@@ -302,7 +293,7 @@ class CostPolicy(Policy[CostCandidate]):
         kv = load.kv_cache_usage
         return wait_s + (per_request_s if kv is not None and kv >= self.kv_cache_full else 0.0)
 
-    def _eviction_s(self, victim: str, view: _FleetView, load_bps: float) -> float:
+    def _eviction_s(self, victim: str, view: CostFleetView, load_bps: float) -> float:
         reload_s = view.size(victim) / load_bps * self.load_weight
         left = view.copies.get(victim, 1) - 1
         if view.demand is None:
@@ -312,51 +303,33 @@ class CostPolicy(Policy[CostCandidate]):
         rate = view.demand.get(victim, 0.0)
         return reload_s * (1.0 - math.exp(-rate * self.demand_horizon_s))
 
-    def rank(
-        self,
-        pool: Sequence[CostCandidate],
-        *,
-        in_flight: Mapping[str, int] | None = None,
-        rng: random.Random | None = None,
-        limit: int | None = None,
-    ) -> list[Breakdown]:
-        """Lowest estimate first."""
-        get = (in_flight or {}).get
-        jitter = self.tie_s if rng is not None else 0.0
-        rand = rng.random if rng is not None else _zero
-        # The router's hot path: one flat pass for the sort keys (jitter included), exact
-        # figures only for what is returned. 'a if a > b else b' is max() without the call,
-        # and sorted() beats heapq.nsmallest at fleet sizes: both count here.
-        loads = [
-            f if (f := get(c.worker_id, 0)) > c.active_requests else c.active_requests for c in pool
-        ]
-        keys = [
-            (w if (w := c.per_request_s * n) > c.ready_in_s else c.ready_in_s)
+    def sort_key(self, candidate: CostCandidate, load: int) -> float:
+        """The estimate ``rank`` orders by: the total less what does not depend on the
+        worker (the server's own queue is in; a specialist's tie-break too)."""
+        c = candidate
+        wait_s = c.per_request_s * load
+        return (
+            (wait_s if wait_s > c.ready_in_s else c.ready_in_s)
             + c.sort_s
-            + c.hold_per_request_s * n
-            + rand() * jitter
-            for c, n in zip(pool, loads, strict=True)
-        ]
-        order = sorted(range(len(pool)), key=keys.__getitem__)
-        ranked: list[Breakdown] = []
-        for i in order if limit is None else order[:limit]:
-            c, n = pool[i], loads[i]
-            queue_s = max(c.per_request_s * n, c.ready_in_s) + c.server_wait_s
-            behind_s = c.hold_per_request_s * n
-            ranked.append(
-                Estimate(
-                    worker_id=c.worker_id,
-                    state=c.state,
-                    queue_s=queue_s,
-                    download_s=c.download_s,
-                    load_s=c.load_s,
-                    evict_s=c.evict_s,
-                    hold_s=c.hold_s + behind_s,
-                    run_s=c.run_s,
-                    total=queue_s + c.fixed_s + behind_s,
-                )
-            )
-        return ranked
+            + c.hold_per_request_s * load
+        )
+
+    def breakdown(self, candidate: CostCandidate, load: int) -> Estimate:
+        """The estimate in parts, ``load`` requests ahead."""
+        c = candidate
+        queue_s = max(c.per_request_s * load, c.ready_in_s) + c.server_wait_s
+        behind_s = c.hold_per_request_s * load
+        return Estimate(
+            worker_id=c.worker_id,
+            state=c.state,
+            queue_s=queue_s,
+            download_s=c.download_s,
+            load_s=c.load_s,
+            evict_s=c.evict_s,
+            hold_s=c.hold_s + behind_s,
+            run_s=c.run_s,
+            total=queue_s + c.fixed_s + behind_s,
+        )
 
     def starts_load(self, winner: CostCandidate, breakdown: Breakdown) -> tuple[str, float] | None:
         """A model on disk or absent starts a load, done once the queue ahead and it are."""
@@ -364,12 +337,3 @@ class CostPolicy(Policy[CostCandidate]):
             return None
         assert isinstance(breakdown, Estimate)
         return winner.model, breakdown.queue_s + breakdown.download_s + breakdown.load_s
-
-
-def slowdown(hb: Heartbeat) -> float:
-    """The worker's tier prior (:data:`TIER_SLOWDOWN`); an unknown tier counts as a GPU."""
-    return TIER_SLOWDOWN.get(hb.tier, 1.0) if hb.tier is not None else 1.0
-
-
-def _zero() -> float:
-    return 0.0

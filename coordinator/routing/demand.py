@@ -1,8 +1,11 @@
-"""Recent demand per model, as the router sees it: requests per second, decayed."""
+"""Recent demand per model: requests per second, decayed; one publisher's own
+(:class:`Demand`), and the fleet's over every publisher, which the routers add up in
+Redis (``claim.lua``) and read back with each refresh."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -33,3 +36,31 @@ class Demand:
     def rates(self, now: float) -> dict[str, float]:
         """Every model's rate as of ``now``."""
         return {model: self.rate(model, now) for model in self._rate}
+
+
+def decayed(
+    shared: Mapping[str, tuple[float, float]], now: float, tau_s: float
+) -> dict[str, float]:
+    """Rates recorded as ``(rate, at)`` (the fleet's, kept in Redis), decayed to ``now``."""
+    return {m: rate * math.exp(-max(0.0, now - at) / tau_s) for m, (rate, at) in shared.items()}
+
+
+def merged(*views: Mapping[str, float]) -> dict[str, float]:
+    """The largest rate each model has in any view: the fleet's count includes this
+    publisher's, unless Redis has not had it yet (a batch in flight, Redis away)."""
+    out: dict[str, float] = {}
+    for view in views:
+        for model, rate in view.items():
+            if rate > out.get(model, 0.0):
+                out[model] = rate
+    return out
+
+
+def moved(old: Mapping[str, float], new: Mapping[str, float], by: float = 0.25) -> bool:
+    """Whether any model's rate changed by more than ``by`` of itself (or appeared, or
+    fell to nothing): enough to change what a policy makes of it."""
+    for model in old.keys() | new.keys():
+        a, b = old.get(model, 0.0), new.get(model, 0.0)
+        if abs(a - b) > by * max(a, b) and max(a, b) > 1e-3:
+            return True
+    return False

@@ -110,6 +110,47 @@ class Policy(ABC, Generic[C]):
         return None
 
 
+class KeyedPolicy(Policy[C]):
+    """A policy whose order is one number per candidate that depends only on the candidate
+    and its load, and never falls as the load grows. The router then keeps each pool in
+    that order between decisions (:class:`~coordinator.routing.ranking.Ranking`), so a
+    decision costs O(log n) instead of a sort of the pool; :meth:`rank` sorts by the same
+    key, so both agree."""
+
+    tie_s: float = 0.0
+    """Random jitter added to the key when ranking with an ``rng``: splits equal keys."""
+
+    @abstractmethod
+    def sort_key(self, candidate: C, load: int) -> float:
+        """Lowest first; must not decrease as ``load`` grows."""
+
+    @abstractmethod
+    def breakdown(self, candidate: C, load: int) -> Breakdown:
+        """The candidate's breakdown at ``load`` (its ``total`` need not be the key)."""
+
+    def rank(
+        self,
+        pool: Sequence[C],
+        *,
+        in_flight: Mapping[str, int] | None = None,
+        rng: random.Random | None = None,
+        limit: int | None = None,
+    ) -> list[Breakdown]:
+        """Lowest :meth:`sort_key` first."""
+        flight = in_flight or {}
+        loads = [load_of(c.heartbeat, flight) for c in pool]
+        key, jitter = self.sort_key, self.tie_s if rng is not None else 0.0
+        rand = rng.random if rng is not None else _zero
+        keys = [key(c, n) + rand() * jitter for c, n in zip(pool, loads, strict=True)]
+        order = sorted(range(len(pool)), key=keys.__getitem__)
+        chosen = order if limit is None else order[:limit]
+        return [self.breakdown(pool[i], loads[i]) for i in chosen]
+
+
+def _zero() -> float:
+    return 0.0
+
+
 def load_of(heartbeat: Heartbeat, in_flight: Mapping[str, int]) -> int:
     """A worker's requests: the larger of the router's in-flight count and its own."""
     f = in_flight.get(heartbeat.worker_id, 0)

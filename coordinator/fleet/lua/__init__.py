@@ -6,12 +6,17 @@ of these scripts (key names: :mod:`coordinator.core.keys`):
 =====================  ============================================================
 script                 does
 =====================  ============================================================
-``snapshot.lua``       reads live heartbeats, in-flight counts and leases at once
-``claim.lua``          adds a batch of claims, metric counts and decisions
+``snapshot.lua``       reads heartbeats, in-flight counts, leases and demand: of the whole
+                       fleet, or of the workers changed since a router's last read
+``heartbeat.lua``      writes a heartbeat and moves the worker's change counter
+``touch.lua``          moves workers' change counters (a departure, a mark)
+``claim.lua``          adds a batch of claims, demand, metric counts and decisions
 ``release.lua``        releases one message's claim (exactly once, even before it is written)
 ``lease.lua``          takes a model-load lease (compare-and-set on its holders)
 ``move_queued.lua``    moves one message out of a dead worker's queue
 ``move_unacked.lua``   moves one unacknowledged message of a dead worker
+``steal_look.lua``     posts a worker's backlog; an idle worker reads the longest ones
+``steal_move.lua``     moves one waiting message, and its claim, to an idle worker
 =====================  ============================================================
 """
 
