@@ -34,7 +34,7 @@ ServerApi = Literal["ollama", "openai", "tei", "auto"]
 """The API a model server speaks: Ollama's, the OpenAI-compatible one (vLLM, SGLang,
 llama.cpp's llama-server), Hugging Face TEI's, or ``auto``: detected by probing."""
 
-POLICY_NAMES: Final = ("random", "round_robin", "least_loaded", "p2c", "seed", "cost")
+POLICY_NAMES: Final = ("random", "round_robin", "least_loaded", "p2c", "seed", "affinity", "cost")
 """Every ``ROUTING_POLICY``; :data:`coordinator.routing.POLICIES` has a class for each (tested),
 named here so that the settings need not import the policies."""
 
@@ -187,6 +187,12 @@ class WorkerSettings(CoordinatorSettings):
     )
     worker_download_bps: float | None = Field(
         default=None, gt=0.0, description="bytes/s a model download is expected to reach"
+    )
+    work_stealing: bool = Field(
+        default=True, description="an idle worker takes waiting tasks from a busy peer's queue"
+    )
+    work_stealing_interval_s: float = Field(
+        default=0.25, ge=0.05, le=10.0, description="how often an idle worker looks for them"
     )
 
     def endpoint(self, service: str) -> Endpoint:

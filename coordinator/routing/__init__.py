@@ -5,6 +5,8 @@ name          picks
 ============  ==============================================================================
 ``cost``      the lowest estimated time to serve (:mod:`coordinator.routing.cost`); the default
 ``seed``      the highest score of the design document's table (:mod:`coordinator.routing.seed`)
+``affinity``  the least loaded worker with the model in memory or loading while under a queue
+              threshold, else the least loaded (:mod:`coordinator.routing.affinity`)
 ``least_loaded``  the fewest requests
 ``p2c``       the less loaded of two drawn at random
 ``round_robin``   each worker in turn
@@ -22,6 +24,7 @@ from typing import Any, Final
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.score_weights import SEED_WEIGHTS, Weights
+from coordinator.routing.affinity import AffinityPolicy
 from coordinator.routing.baselines import (
     LeastLoadedPolicy,
     PowerOfTwoPolicy,
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "NO_LEASES",
     "POLICIES",
+    "AffinityPolicy",
     "Breakdown",
     "CostPolicy",
     "Estimate",
@@ -57,6 +61,7 @@ POLICIES: Final[Mapping[str, type[Policy[Any]]]] = {
         LeastLoadedPolicy,
         PowerOfTwoPolicy,
         SeedPolicy,
+        AffinityPolicy,
         CostPolicy,
     )
 }
