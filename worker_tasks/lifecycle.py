@@ -26,10 +26,11 @@ from coordinator.core.settings import REDIS_SCHEMES, WorkerSettings, load_settin
 from coordinator.core.task_spec import TaskSpec
 from coordinator.dispatch.app import Fleet, find_fleet
 from coordinator.recovery.redis_moves import requeue_unacked
-from worker_tasks import outcomes, system
+from worker_tasks import model_servers, outcomes, system
 from worker_tasks.chroma_server import ChromaServer
 from worker_tasks.heartbeat_sender import HeartbeatSender
 from worker_tasks.model_stats import ModelStats
+from worker_tasks.work_stealing import WorkStealer, start_stealer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class WorkerRuntime:
     stats: ModelStats
     """Where tasks record their model calls; the heartbeat reports it."""
     chroma: ChromaServer | None = None
+    stealer: WorkStealer | None = None
+    """Work stealing's thread, started with the heartbeat (``None``: off)."""
 
 
 def _active_requests() -> int:
@@ -214,16 +217,29 @@ def _ready(sender: Any, **_: Any) -> None:
     runtime = _runtimes.get(sender.app)
     if runtime is not None:
         runtime.heartbeat.start()
+        fleet = find_fleet(sender.app)
+        if fleet is not None:  # started with the heartbeat, given the consumer (its pool)
+            probe = runtime.heartbeat.latest_probe
+            runtime.stealer = start_stealer(sender.app, fleet, runtime.settings, sender, probe)
 
 
 @signals.worker_shutdown.connect
 def _shutdown(sender: Any, **_: Any) -> None:
     runtime = _runtimes.pop(sender.app, None)
     if runtime is not None:
+        if runtime.stealer is not None:  # before the worker leaves the fleet
+            runtime.stealer.stop()
         runtime.heartbeat.stop(deregister=True)
         runtime.stats.close()
         if runtime.chroma is not None:
             runtime.chroma.stop()
+        model_servers.close_clients()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_child_shutdown(**_: Any) -> None:
+    # A prefork child's pooled client: its kept-alive connections closed, not left to exit.
+    model_servers.close_clients()
 
 
 @control_command(name=CONTROL_COMMANDS["refresh"])
