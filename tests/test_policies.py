@@ -247,6 +247,31 @@ def test_a_lease_holder_wins_while_its_backlog_is_short() -> None:
     assert n <= next(k for k in range(100) if max(k * 1.0, 3.0) + 1.0 > fresh_load)
 
 
+def test_a_lease_taken_rebuilds_its_holder_alone_as_a_whole_prepare_would() -> None:
+    policy = CostPolicy()
+    fleet = (
+        hb("warm", loaded_models=[MODEL], models_in_memory=[MODEL], mean_service_s=2.0),
+        hb("first", loaded_models=[MODEL], tier=2),
+        hb("second", loaded_models=[MODEL]),
+        hb("absent"),
+    )
+    before: dict[str, dict[str, float]] = {MODEL: {"first": NOW + 5}}
+    pool = policy.prepare(fleet, SERVICE, MODEL, leases=before, now=NOW)
+    after = {MODEL: {"first": NOW + 5, "second": NOW + 9}}
+    fresh = policy.lease_taken(pool, "second", after, NOW)
+    whole = policy.prepare(fleet, SERVICE, MODEL, leases=after, now=NOW)
+    assert fresh == next(c for c in whole if c.worker_id == "second")
+    assert fresh is not None
+    assert (fresh.state, fresh.ready_in_s) == ("loading", 9.0)
+    # The first copy of a model nobody holds changes whether more are wanted, for every
+    # worker: the whole pool is prepared again.
+    demand = {MODEL: 0.1}
+    cold = policy.prepare(fleet[1:], SERVICE, MODEL, now=NOW, demand=demand)
+    assert policy.lease_taken(cold, "second", {MODEL: {"second": NOW + 9}}, NOW) is None
+    # A worker without the lease, or outside the pool, is no patch either.
+    assert policy.lease_taken(pool, "absent", after, NOW) is None
+
+
 def test_only_a_load_that_nobody_holds_yet_starts_a_lease() -> None:
     policy = CostPolicy()
     fleet = (

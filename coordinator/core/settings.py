@@ -61,6 +61,7 @@ class CoordinatorSettings(BaseSettings):
     registry_refresh_s: float = Field(default=1.0, ge=0.0)
     redis_timeout_s: float = Field(default=1.0, gt=0.0)
     decisions_kept: int = Field(default=1000, ge=0)
+    decisions_per_s: float = Field(default=100.0, ge=0.0, description="kept per router")
     chromadb_url: str = Field(default="http://localhost:8000", description="shared ChromaDB")
     visibility_timeout_s: float = Field(default=3600.0, gt=0.0)
     result_expires_s: float = Field(default=86_400.0, gt=0.0, description="results kept")

@@ -11,6 +11,7 @@ code (the reaper, ``coordinator explain``, an app sending by name) routes it the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -36,9 +37,11 @@ def normalize_model(name: str) -> str:
     return name.strip().removesuffix(":latest")
 
 
+@functools.lru_cache(maxsize=4096)
 def checked_model(name: str) -> str:
     """``name`` normalised, when it is a model name: ``llama3.2``, ``qwen2.5:7b``,
-    ``library/phi3``, ``hf.co/org/repo:Q4_K_M``, ``registry:5000/ns/model:tag``.
+    ``library/phi3``, ``hf.co/org/repo:Q4_K_M``, ``registry:5000/ns/model:tag``. Cached:
+    the router checks the model of every task it routes, and a fleet's names repeat.
 
     Raises:
         TaskInputError: anything else, a path such as ``../../etc/passwd`` included; model

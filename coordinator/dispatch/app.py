@@ -75,6 +75,7 @@ class Fleet:
             policy=make_policy(settings.routing_policy, settings.score_weights),
             refresh_s=settings.registry_refresh_s,
             decisions_kept=settings.decisions_kept,
+            decisions_per_s=settings.decisions_per_s,
             rng=random.Random(settings.routing_seed),
             lease_grace_s=lease_grace_s(settings.heartbeat_interval_s),
             claim_lapse_s=settings.visibility_timeout_s,

@@ -68,7 +68,9 @@ class Pools:
             self._pools, self._rankings, self.demand = {}, {}, demand
             self._built_at, self._stale_figures = now, False
         else:
-            old = self.snapshot.leases
+            # Against the leases the pools were built with, this router's own included: a
+            # lease it took is news to Redis, not to its pools.
+            old = self.leases
             for model in old.keys() | snapshot.leases.keys():
                 if old.get(model) != snapshot.leases.get(model):
                     self._drop(model)
@@ -100,22 +102,23 @@ class Pools:
         return pool
 
     def rank(
-        self, key: PoolKey, pool: list[Any], exclude: frozenset[str]
+        self, key: PoolKey, pool: list[Any], exclude: frozenset[str], limit: int = KEPT_CANDIDATES
     ) -> tuple[list[Breakdown], Any, int]:
-        """The best few breakdowns, the winning candidate (``None``: nobody eligible) and
-        how many were eligible; a keyed policy's pool stays ordered between decisions."""
+        """The best ``limit`` breakdowns, the winning candidate (``None``: nobody eligible)
+        and how many were eligible; a keyed policy's pool stays ordered between
+        decisions."""
         policy = self.policy
         if isinstance(policy, KeyedPolicy):
             ranking = self._rankings.get(key)
             if ranking is None or ranking.pool is not pool:
                 ranking = self._rankings[key] = Ranking(policy, pool, self.in_flight, self.rng)
-            top = ranking.top(self.in_flight, KEPT_CANDIDATES, exclude)
+            top = ranking.top(self.in_flight, limit, exclude)
             ranked = [policy.breakdown(c, n) for c, n in top]
             eligible = len(pool) - sum(1 for w in exclude if w in ranking)
             return ranked, top[0][0] if top else None, eligible
         if exclude:
             pool = [c for c in pool if c.heartbeat.worker_id not in exclude]
-        ranked = policy.rank(pool, in_flight=self.in_flight, rng=self.rng, limit=KEPT_CANDIDATES)
+        ranked = policy.rank(pool, in_flight=self.in_flight, rng=self.rng, limit=limit)
         if not ranked:
             return ranked, None, 0
         chosen = next(c for c in pool if c.heartbeat.worker_id == ranked[0].worker_id)
@@ -125,12 +128,29 @@ class Pools:
         """Count a task this router sent to ``worker_id``."""
         self.in_flight[worker_id] = self.in_flight.get(worker_id, 0) + 1
 
-    def leased(self, model: str, holders: dict[str, float]) -> None:
-        """``model``'s lease holders are now ``holders``: its pools are out of date (a
-        lease changes the holder's candidate, and whether a further copy is worth its
-        load on every other worker); other models' are still true."""
+    def leased(self, model: str, holders: dict[str, float], worker_id: str, now: float) -> None:
+        """``model``'s lease holders are now ``holders``, after ``worker_id`` asked for one
+        (``now``: unix s). When it got it, a keyed policy may build its candidate alone
+        (:meth:`KeyedPolicy.lease_taken`): a burst that adds copies of a model takes a lease
+        per copy, and preparing the model's pools again each time costs O(fleet). The rest
+        of the pools' view follows at the next rebuild. Otherwise the model's pools go."""
         self.leases[model] = holders
-        self._drop(model)
+        policy = self.policy
+        if worker_id not in holders or not isinstance(policy, KeyedPolicy):
+            self._drop(model)
+            return
+        for key in [k for k in self._pools if k[1] == model]:
+            pool = self._pools[key]
+            fresh = policy.lease_taken(pool, worker_id, self.leases, now)
+            ranking = self._rankings.get(key)
+            if fresh is None:
+                del self._pools[key]
+                self._rankings.pop(key, None)
+            elif ranking is not None:
+                ranking.replace(fresh, self.in_flight)
+            else:
+                pool[:] = [fresh if c.heartbeat.worker_id == worker_id else c for c in pool]
+        self._stale_figures = True
 
     def _drop(self, model: str) -> None:
         """Forget the pools for ``model``: they are built again when next needed."""

@@ -16,7 +16,7 @@ from celery import signals
 
 from coordinator.core.keys import Keys
 from coordinator.core.task_spec import TaskSpec
-from coordinator.dispatch.pools import PoolKey, Pools
+from coordinator.dispatch.pools import KEPT_CANDIDATES, PoolKey, Pools
 from coordinator.dispatch.route import Route
 from coordinator.dispatch.task_lookup import TaskLookup
 from coordinator.fleet import counters
@@ -70,6 +70,10 @@ class FleetRouter:
     policy: Policy[Any] = field(default_factory=CostPolicy)
     refresh_s: float = 1.0
     decisions_kept: int = 1000
+    decisions_per_s: float = 100.0
+    """Decisions kept at most per second, in bursts of as many; above it, a sample: at a
+    few thousand tasks a second, a record of each would cost more than ranking them, and
+    ``decisions_kept`` would hold less than a second of them anyway."""
     retry_after_s: float = 2.0
     rng: random.Random = field(default_factory=random.Random)
     clock: Clock = time.monotonic
@@ -91,6 +95,8 @@ class FleetRouter:
     pools: Pools = field(init=False, repr=False)
     """The candidates per service and model, from the last refresh."""
     _refreshed_at: float = field(default=float("-inf"), init=False, repr=False)
+    _decision_budget: float = field(default=0.0, init=False, repr=False)
+    _budget_at: float = field(default=float("-inf"), init=False, repr=False)
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -185,7 +191,9 @@ class FleetRouter:
         except redis.RedisError as exc:
             self._down_until = now + self.retry_after_s
             return self._fallback(task, service, model, "fallback_registry_down", started, exc)
-        ranked, chosen, eligible = self.pools.rank((service, model), pool, exclude)
+        keep = self._keep_decision(now)
+        limit = KEPT_CANDIDATES if keep else 1
+        ranked, chosen, eligible = self.pools.rank((service, model), pool, exclude, limit)
         if chosen is None:
             return self._fallback(task, service, model, "fallback_no_worker", started)
         load = self.policy.starts_load(chosen, ranked[0])
@@ -199,7 +207,7 @@ class FleetRouter:
         self.pools.routed(winner.worker_id)
         decision = (
             self._decision(task, service, model, "routed", queue, ranked, eligible)
-            if self.decisions_kept > 0
+            if keep
             else None
         )
         # A hit is a model in memory: one on disk still costs a load, which is what the
@@ -222,6 +230,19 @@ class FleetRouter:
             for score in ranked:
                 log.debug("  candidate %s", score.as_dict())
         return Route(queue, *claim)
+
+    def _keep_decision(self, now: float) -> bool:
+        """Whether this decision is kept: a token bucket of ``decisions_per_s``."""
+        if self.decisions_kept <= 0:
+            return False
+        rate = self.decisions_per_s
+        budget = min(rate, self._decision_budget + (now - self._budget_at) * rate)
+        self._budget_at = now
+        if budget < 1.0:
+            self._decision_budget = budget
+            return False
+        self._decision_budget = budget - 1.0
+        return True
 
     def refresh(self) -> None:
         """Take a registry snapshot now instead of reusing one up to ``refresh_s`` old."""
@@ -295,7 +316,7 @@ class FleetRouter:
                 worker_id,
             )
             return None
-        self.pools.leased(model, result.holders)
+        self.pools.leased(model, result.holders, worker_id, now)
         return result.granted
 
     def _refresh(self, now: float) -> None:

@@ -16,6 +16,7 @@ that comes before the batch with its claim is written keeps the claim from being
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
@@ -40,8 +41,24 @@ Claim = tuple[str, str]
 
 
 def new_claim_id() -> str:
-    """A fresh claim id: one per routed message (a retry is a new message, a new claim)."""
-    return os.urandom(16).hex()  # a uuid4's randomness, without building a UUID per task
+    """A fresh claim id: one per routed message (a retry is a new message, a new claim).
+
+    A random prefix of this process and a counter: unique without a system call per task
+    (``os.urandom`` is one); a forked child draws a prefix of its own."""
+    return f"{_ids.prefix}{next(_ids.counter):x}"
+
+
+class _ClaimIds:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(12).hex() + "-"
+        self.counter = itertools.count()
+
+
+_ids = _ClaimIds()
+os.register_at_fork(after_in_child=_ids.reset)
 
 
 def claim_header(claim: Claim) -> list[str]:
@@ -83,6 +100,8 @@ class ClaimBuffer:
     _decisions: list[str] = field(default_factory=list, init=False)
     _counters: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
     _asked: dict[str, int] = field(default_factory=dict, init=False)
+    _count: int = field(default=0, init=False)
+    """Claims and decisions buffered: a flush is due at ``max_batch``."""
     _first_at: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _timer: threading.Timer | None = field(default=None, init=False)
@@ -104,14 +123,18 @@ class ClaimBuffer:
         with self._lock:
             if claim is not None:
                 self._claims.setdefault(claim[0], []).append(claim[1])
+                self._count += 1
+            counters = self._counters
             for key, name, amount in counts:
-                self._counters[key, name] = self._counters.get((key, name), 0.0) + amount
+                counters[key, name] = counters.get((key, name), 0.0) + amount
             if decision is not None and self.decisions_kept > 0:
                 self._decisions.append(decision)
-                del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
+                self._count += 1
+                if len(self._decisions) > MAX_UNWRITTEN_DECISIONS:
+                    del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
             if self._first_at is None:
                 self._first_at = self.clock()
-            due = len(self._decisions) + sum(map(len, self._claims.values())) >= self.max_batch
+            due = self._count >= self.max_batch
         if due:
             self.flush()
         else:
@@ -135,7 +158,7 @@ class ClaimBuffer:
         """
         with self._lock:
             claims, decisions, counters = self._claims, self._decisions, self._counters
-            asked, self._asked = self._asked, {}
+            asked, self._asked, self._count = self._asked, {}, 0
             self._claims, self._decisions, self._counters, self._first_at = {}, [], {}, None
         if not claims and not decisions and not counters and not asked:
             return {}
@@ -160,6 +183,7 @@ class ClaimBuffer:
                     self._counters[key] = self._counters.get(key, 0.0) + amount
                 for model, requests in asked.items():
                     self._asked[model] = self._asked.get(model, 0) + requests
+                self._count += sum(map(len, claims.values())) + len(decisions)
                 self._decisions[:0] = decisions
                 del self._decisions[:-MAX_UNWRITTEN_DECISIONS]
                 self._first_at = self._first_at or self.clock()

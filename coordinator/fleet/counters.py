@@ -9,6 +9,7 @@ API turns the hashes into Prometheus metrics (:mod:`coordinator.ops.metrics`).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
@@ -31,25 +32,36 @@ def bucket_label(edge: float) -> str:
     return "+Inf" if math.isinf(edge) else repr(edge)
 
 
+_LABELS: Final = tuple(bucket_label(edge) for edge in LATENCY_BUCKETS_S)
+
+
+@functools.cache
+def _metric_keys(keys: Keys) -> tuple[str, str, str, str]:
+    # Every routed task counts under these: built once per namespace, not per task.
+    m = keys.metrics
+    return m("routed"), m("model"), m("latency"), m("fallback")
+
+
 def routed(
     keys: Keys, worker_id: str, service: str, model_hit: bool | None, latency_s: float
 ) -> list[Count]:
     """The counters one routed decision adds."""
-    counts = [(keys.metrics("routed"), f"{worker_id}{SEP}{service}", 1.0)]
+    routed_key, model_key, latency_key, _ = _metric_keys(keys)
+    counts = [(routed_key, f"{worker_id}{SEP}{service}", 1.0)]
     if model_hit is not None:
-        counts.append((keys.metrics("model"), "hit" if model_hit else "miss", 1.0))
-    return counts + _latency(keys, latency_s)
+        counts.append((model_key, "hit" if model_hit else "miss", 1.0))
+    return counts + _latency(latency_key, latency_s)
 
 
 def fell_back(keys: Keys, service: str, reason: str, latency_s: float) -> list[Count]:
     """The counters one decision for a shared queue adds."""
-    return [(keys.metrics("fallback"), f"{service}{SEP}{reason}", 1.0), *_latency(keys, latency_s)]
+    _, _, latency_key, fallback_key = _metric_keys(keys)
+    return [(fallback_key, f"{service}{SEP}{reason}", 1.0), *_latency(latency_key, latency_s)]
 
 
-def _latency(keys: Keys, seconds: float) -> list[Count]:
-    key = keys.metrics("latency")
-    edge = LATENCY_BUCKETS_S[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
-    return [(key, bucket_label(edge), 1.0), (key, "sum", seconds), (key, "count", 1.0)]
+def _latency(key: str, seconds: float) -> list[Count]:
+    label = _LABELS[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
+    return [(key, label, 1.0), (key, "sum", seconds), (key, "count", 1.0)]
 
 
 def record_broadcast(registry: Registry, job_type: str, statuses: Iterable[str]) -> None:

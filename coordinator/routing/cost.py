@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
@@ -76,6 +76,25 @@ class CostCandidate(NamedTuple):
     sort_s: float
     """What ``rank`` adds to the queue to sort: ``fixed_s`` and ``server_wait_s``, less a
     tie-break no breakdown shows that lets a worker specialised in the service win ties."""
+
+
+class CostPool(list[CostCandidate]):
+    """A prepared pool with what it was prepared from: enough to build one worker's
+    candidate again when it starts loading the pool's model (:meth:`CostPolicy.lease_taken`)
+    without preparing the whole fleet again."""
+
+    def __init__(
+        self,
+        candidates: Iterable[CostCandidate],
+        view: CostFleetView,
+        model: str | None,
+        fleet_run_s: float | None,
+        weight: float,
+        replicating: bool,
+    ) -> None:
+        super().__init__(candidates)
+        self.view, self.model, self.fleet_run_s = view, model, fleet_run_s
+        self.weight, self.replicating = weight, replicating
 
 
 @dataclass
@@ -188,15 +207,47 @@ class CostPolicy(KeyedPolicy[CostCandidate]):
             mean_s=sum(means) / len(means) if means else self.default_service_s,
         )
         loading = leases.get(model, {}) if model is not None else {}
-        weight = self.load_weight
-        if model is not None and self._wants_copy(view, model, copies.get(model, 0) + len(loading)):
-            weight = 1.0
+        replicating = model is not None and self._wants_copy(
+            view, model, copies.get(model, 0) + len(loading)
+        )
+        weight = 1.0 if replicating else self.load_weight
         fleet_run_s = view.run_s(model) if model is not None else None
-        return [
-            self._candidate(hb, view, model, fleet_run_s, loading, weight, now)
-            for hb in fleet
-            if is_eligible(hb, service)
-        ]
+        return CostPool(
+            (
+                self._candidate(hb, view, model, fleet_run_s, loading, weight, now)
+                for hb in fleet
+                if is_eligible(hb, service)
+            ),
+            view,
+            model,
+            fleet_run_s,
+            weight,
+            replicating,
+        )
+
+    def lease_taken(
+        self, pool: Sequence[CostCandidate], worker_id: str, leases: Leases, now: float
+    ) -> CostCandidate | None:
+        """``worker_id``'s candidate once it loads the pool's model under ``leases``; ``None``
+        when the new copy changes whether demand wants more copies: every cold candidate's
+        price changes then, and the pool must be prepared again. The rest of the fleet's
+        view (the balance term's shares) takes the lease in at the pool's next rebuild."""
+        if not isinstance(pool, CostPool) or pool.model is None:
+            return None
+        loading = leases.get(pool.model, {})
+        held = pool.view.copies.get(pool.model, 0) + len(loading)
+        ready_at = loading.get(worker_id)
+        if ready_at is None or self._wants_copy(pool.view, pool.model, held) != pool.replicating:
+            return None
+        old = next((c for c in pool if c.worker_id == worker_id), None)
+        if old is None:
+            return None
+        busy_until = pool.view.busy_until
+        assert isinstance(busy_until, dict)  # the pool's own, built by prepare
+        busy_until[worker_id] = max(ready_at, busy_until.get(worker_id, ready_at))
+        return self._candidate(
+            old.heartbeat, pool.view, pool.model, pool.fleet_run_s, loading, pool.weight, now
+        )
 
     def _candidate(
         self,
@@ -319,16 +370,17 @@ class CostPolicy(KeyedPolicy[CostCandidate]):
         c = candidate
         queue_s = max(c.per_request_s * load, c.ready_in_s) + c.server_wait_s
         behind_s = c.hold_per_request_s * load
+        # Positional: the router builds one for every task, and keywords cost a third more.
         return Estimate(
-            worker_id=c.worker_id,
-            state=c.state,
-            queue_s=queue_s,
-            download_s=c.download_s,
-            load_s=c.load_s,
-            evict_s=c.evict_s,
-            hold_s=c.hold_s + behind_s,
-            run_s=c.run_s,
-            total=queue_s + c.fixed_s + behind_s,
+            c.worker_id,
+            c.state,
+            queue_s,
+            c.download_s,
+            c.load_s,
+            c.evict_s,
+            c.hold_s + behind_s,
+            c.run_s,
+            queue_s + c.fixed_s + behind_s,
         )
 
     def starts_load(self, winner: CostCandidate, breakdown: Breakdown) -> tuple[str, float] | None:

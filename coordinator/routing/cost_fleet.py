@@ -54,6 +54,8 @@ class CostFleetView:
     _busy: dict[str, float] = field(default_factory=dict)
     _speed: dict[str, float] = field(default_factory=dict)
     """Per model, the summed speed (1 / slowdown) of the workers holding or loading it."""
+    _fleet: dict[str, float] = field(default_factory=dict)
+    """Fleet-wide figures every candidate asks for: computed once, not once per worker."""
 
     def size(self, model: str) -> int:
         """The model's size as any worker reported it (the largest), else the default."""
@@ -82,7 +84,11 @@ class CostFleetView:
 
     def total_wanted(self) -> float:
         """Workers' worth of demand for every model."""
-        return sum(self.wanted(m) for m in self.demand) if self.demand else 0.0
+        total = self._fleet.get("wanted")
+        if total is None:
+            demand = self.demand
+            total = self._fleet["wanted"] = sum(map(self.wanted, demand)) if demand else 0.0
+        return total
 
     def share(self, model: str) -> float:
         """``model``'s share of the fleet's demand, in work; 0 when the fleet has less than
@@ -100,7 +106,9 @@ class CostFleetView:
         model's queue once it builds, and what the balance term steers toward when it
         does not."""
         busy = self._expected_busy()
-        mean = sum(busy.values()) / len(busy) if busy else 0.0
+        mean = self._fleet.get("mean_busy")
+        if mean is None:
+            mean = self._fleet["mean_busy"] = sum(busy.values()) / len(busy) if busy else 0.0
         mine = busy.get(hb.worker_id)
         if mine is None or mean <= 0:
             return None
@@ -111,10 +119,14 @@ class CostFleetView:
     def idle_share(self) -> float:
         """The share of the fleet's capacity its demand leaves idle: queues spread the work
         of a busy fleet by themselves; only an idle-ish one needs steering."""
-        capacity = sum(
-            1.0 / slowdown(hb) for hb in self.heartbeats if is_eligible(hb, self.service)
-        )
-        return max(0.0, 1.0 - self.total_wanted() / capacity) if capacity > 0 else 0.0
+        idle = self._fleet.get("idle")
+        if idle is None:
+            capacity = sum(
+                1.0 / slowdown(hb) for hb in self.heartbeats if is_eligible(hb, self.service)
+            )
+            idle = max(0.0, 1.0 - self.total_wanted() / capacity) if capacity > 0 else 0.0
+            self._fleet["idle"] = idle
+        return idle
 
     def _expected_busy(self) -> dict[str, float]:
         """Per eligible worker, the share of its time the demand should keep it busy."""

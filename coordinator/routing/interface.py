@@ -128,6 +128,14 @@ class KeyedPolicy(Policy[C]):
     def breakdown(self, candidate: C, load: int) -> Breakdown:
         """The candidate's breakdown at ``load`` (its ``total`` need not be the key)."""
 
+    def lease_taken(
+        self, pool: Sequence[C], worker_id: str, leases: Leases, now: float
+    ) -> C | None:
+        """``worker_id``'s candidate in ``pool`` (from :meth:`prepare`) once it holds a lease
+        in ``leases`` on loading the pool's model, for the router to put in its place; or
+        ``None`` (the default) when the pool must be prepared again."""
+        return None
+
     def rank(
         self,
         pool: Sequence[C],

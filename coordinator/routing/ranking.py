@@ -85,6 +85,15 @@ class Ranking(Generic[C]):
             if len(self._heap) > 2 * len(self.pool) + SLACK:
                 self._rebuild(in_flight)
 
+    def replace(self, candidate: C, in_flight: Mapping[str, int]) -> None:
+        """Put ``candidate`` in the place of the pool's candidate for the same worker (the
+        pool is changed in place)."""
+        i = self._index.get(candidate.heartbeat.worker_id)
+        if i is not None:
+            self.pool[i] = candidate
+            self._active[i] = candidate.heartbeat.active_requests
+            self._push(i, load_of(candidate.heartbeat, in_flight))
+
     def _push(self, i: int, load: int) -> None:
         self._version[i] += 1
         key = self.policy.sort_key(self.pool[i], load)
