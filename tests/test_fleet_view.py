@@ -4,6 +4,7 @@ demand is shared by every router; a kept pool order agrees with a fresh sort."""
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
@@ -151,3 +152,28 @@ def test_a_kept_order_agrees_with_a_fresh_sort_as_loads_move() -> None:
     expected = [b.worker_id for b in policy.rank(pool, in_flight=in_flight, limit=5)]
     excluded = frozenset({expected[0]})
     assert [c.worker_id for c, _ in ranking.top(in_flight, 4, excluded)] == expected[1:5]
+
+
+def test_a_worker_of_an_older_version_is_not_expired_on_the_routers_clock(
+    registry: Registry,
+) -> None:
+    # It renews its heartbeat with a plain SET: no counter moves, so the view cannot see
+    # the renewals and must not drop it when the time to live it read runs out.
+    registry.client.set(registry.keys.worker("old"), beat("old").to_json(), px=60_000)
+    registry.client.sadd(registry.keys.workers, "old")
+    clock = Clock()
+    view = FleetView(registry, resync_s=600.0, clock=clock)
+    assert ids(view, 0.0) == {"old"}
+    clock.now += 120.0
+    assert ids(view, 0.0) == {"old"}
+
+
+def test_a_claim_that_lapses_in_one_routers_read_falls_in_the_others(
+    registry: Registry,
+) -> None:
+    registry.publish(beat("w"))
+    view = FleetView(registry)
+    registry.claim_many({"w": ["lost"]}, [], 0, lapse_s=60.0)
+    assert view.refresh(0.0).snapshot.in_flight == {"w": 1}
+    registry.read(now=time.time() + 120.0)  # another router's read, after the lapse
+    assert view.refresh(0.0).snapshot.in_flight == {}

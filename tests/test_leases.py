@@ -239,3 +239,27 @@ def test_malformed_lease_entries_never_break_a_snapshot_or_a_lease(
     # Entries without readable times are pruned; the others never count as holders.
     for worker_id in ("no-numbers", "three-numbers", "nan"):
         assert not redis_conn.hexists(registry.keys.leases, lease_field(MODEL, worker_id))
+
+
+def test_a_worker_loading_one_model_is_busy_for_every_other(lasting: Registry) -> None:
+    # A 55 GB load takes about a minute: whatever the model, a task sent there waits for it.
+    for worker_id in ("a", "b"):
+        lasting.publish(
+            Heartbeat(
+                worker_id=worker_id,
+                tier=1,
+                loaded_models=(MODEL, "other"),
+                models_in_memory=("other",),
+                capabilities=("vllm",),
+                model_bytes={MODEL: 55_000_000_000},
+            )
+        )
+    first, second = cost_router(lasting, seed=1), cost_router(lasting, seed=2)
+    for router in (first, second):  # both have their pools for "other" already
+        router.route(GENERATE, "vllm", "other")
+    loader = first.route(GENERATE, "vllm", MODEL).worker_id
+    assert set(lasting.snapshot().leases[MODEL]) == {loader}
+    second.refresh()  # the other router reads the lease
+    for router in (first, second):
+        routes = {router.route(GENERATE, "vllm", "other").worker_id for _ in range(6)}
+        assert routes == {"a", "b"} - {loader}

@@ -247,7 +247,7 @@ def test_a_lease_holder_wins_while_its_backlog_is_short() -> None:
     assert n <= next(k for k in range(100) if max(k * 1.0, 3.0) + 1.0 > fresh_load)
 
 
-def test_a_lease_taken_rebuilds_its_holder_alone_as_a_whole_prepare_would() -> None:
+def test_a_lease_rebuilds_its_holders_candidates_alone_as_a_whole_prepare_would() -> None:
     policy = CostPolicy()
     fleet = (
         hb("warm", loaded_models=[MODEL], models_in_memory=[MODEL], mean_service_s=2.0),
@@ -258,7 +258,7 @@ def test_a_lease_taken_rebuilds_its_holder_alone_as_a_whole_prepare_would() -> N
     before: dict[str, dict[str, float]] = {MODEL: {"first": NOW + 5}}
     pool = policy.prepare(fleet, SERVICE, MODEL, leases=before, now=NOW)
     after = {MODEL: {"first": NOW + 5, "second": NOW + 9}}
-    fresh = policy.lease_taken(pool, "second", after, NOW)
+    fresh = policy.with_leases(pool, "second", after, NOW)
     whole = policy.prepare(fleet, SERVICE, MODEL, leases=after, now=NOW)
     assert fresh == next(c for c in whole if c.worker_id == "second")
     assert fresh is not None
@@ -267,9 +267,16 @@ def test_a_lease_taken_rebuilds_its_holder_alone_as_a_whole_prepare_would() -> N
     # worker: the whole pool is prepared again.
     demand = {MODEL: 0.1}
     cold = policy.prepare(fleet[1:], SERVICE, MODEL, now=NOW, demand=demand)
-    assert policy.lease_taken(cold, "second", {MODEL: {"second": NOW + 9}}, NOW) is None
-    # A worker without the lease, or outside the pool, is no patch either.
-    assert policy.lease_taken(pool, "absent", after, NOW) is None
+    assert policy.with_leases(cold, "second", {MODEL: {"second": NOW + 9}}, NOW) is None
+    # Any model's pool: a load makes its worker busy whatever the model it is asked for.
+    other = policy.prepare(fleet, SERVICE, "other", leases=before, now=NOW)
+    busy = policy.with_leases(other, "second", after, NOW)
+    assert busy is not None
+    assert (busy.state, busy.ready_in_s) == ("absent", 9.0)
+    # A lease that ended frees it again.
+    freed = policy.with_leases(pool, "first", {MODEL: {"second": NOW + 9}}, NOW)
+    assert freed is not None
+    assert (freed.state, freed.ready_in_s) == ("disk", 0.0)
 
 
 def test_only_a_load_that_nobody_holds_yet_starts_a_lease() -> None:

@@ -19,6 +19,7 @@ from coordinator.core.heartbeat import Heartbeat
 from coordinator.core.settings import CoordinatorSettings
 from coordinator.dispatch.app import create_app, fleet_of
 from coordinator.dispatch.router import FleetRouter
+from coordinator.fleet.claims import CLAIM_HEADER
 from coordinator.fleet.registry import Registry
 from coordinator.routing import CostPolicy, SeedPolicy
 from coordinator.routing.decisions import Decision
@@ -111,6 +112,20 @@ def test_an_explicit_queue_wins_and_is_not_counted(
 ) -> None:
     send(app, OCR, "aGVsbG8=", queue="hand-picked-" + registry.keys.namespace)
     assert queued_task_names(redis_conn, "hand-picked-" + registry.keys.namespace) == [OCR]
+    assert registry.snapshot().in_flight == {}
+
+
+def test_a_claim_copied_onto_a_message_sent_to_a_queue_is_dropped(
+    app: Celery, scenario_1: None, redis_conn: redis.Redis, registry: Registry
+) -> None:
+    # A retry sent to a queue of the caller's choosing copies the last attempt's headers.
+    queue = "hand-picked-" + registry.keys.namespace
+    stale = {CLAIM_HEADER: ["gpu-1", "an-earlier-attempt"], "kept": "yes"}
+    send(app, OCR, "aGVsbG8=", queue=queue, headers=stale)
+    (raw,) = redis_conn.lrange(queue, 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert CLAIM_HEADER not in headers
+    assert headers["kept"] == "yes"
     assert registry.snapshot().in_flight == {}
 
 
@@ -243,3 +258,26 @@ def test_a_routing_bug_falls_back_and_logs_its_traceback_once(
     (record,) = caplog.records
     assert "routing failed: ZeroDivisionError: a bug in the policy" in record.getMessage()
     assert record.exc_info is not None  # the traceback, once
+
+
+def test_decisions_are_kept_at_most_decisions_per_s_in_bursts(registry: Registry) -> None:
+    registry.publish(Heartbeat(worker_id="w", services_status={"vllm": "healthy"}))
+    now = [1000.0]
+    router = FleetRouter(registry=registry, decisions_per_s=100.0, clock=lambda: now[0])
+
+    def kept_after(tasks: int) -> int:
+        for _ in range(tasks):
+            router.confirm(router.route(GENERATE, "vllm", "m").claim_id)
+        router.claims.flush()
+        return len(registry.recent_decisions(1000))
+
+    assert kept_after(300) == 100  # a second's worth at once, then nothing
+    now[0] += 0.5
+    assert kept_after(300) == 150  # half a second refills half
+    # Under one a second, one is kept every so often, never none at all.
+    slow = FleetRouter(registry=registry, decisions_per_s=0.5, clock=lambda: now[0])
+    for _ in range(3):
+        slow.confirm(slow.route(GENERATE, "vllm", "m").claim_id)
+        now[0] += 1.0
+    slow.claims.flush()
+    assert len(registry.recent_decisions(1000)) == 152

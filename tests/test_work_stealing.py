@@ -37,11 +37,15 @@ def everything(task: str, args: list[Any], kwargs: dict[str, Any], h: Mapping[st
 def send(
     app: Celery, worker: str, prompt: str, model: str = "llama3.2", **options: Any
 ) -> AsyncResult[Any]:
-    """``generate`` sent straight to ``worker``'s own queue with a claim on it, as a router's
-    burst leaves it."""
+    """``generate`` in ``worker``'s own queue with a claim on it, as a router's burst leaves
+    it: sent by an app without the router (the fleet's router drops a claim it did not
+    give from a message sent to a queue of the caller's choosing)."""
     queue = fleet_of(app).keys.worker_queue(worker)
     options.setdefault("headers", {CLAIM_HEADER: [worker, uuid.uuid4().hex]})
-    return app.send_task(GENERATE, args=[prompt], kwargs={"model": model}, queue=queue, **options)
+    sender = Celery("sender", broker=app.conf.broker_url, set_as_current=False)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    sent = sender.send_task(GENERATE, [prompt], {"model": model}, queue=queue, **options)
+    return app.AsyncResult(sent.id)
 
 
 def payloads(client: redis.Redis, queue: str) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ demand they were built from. Not thread-safe: the router calls it under its lock
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -51,17 +52,18 @@ class Pools:
 
     def update(
         self,
-        update: FleetUpdate,
+        fleet: FleetUpdate,
         in_flight: dict[str, int],
         demand: dict[str, float],
         now: float,
+        wall: float,
     ) -> None:
-        """Take in a refresh at ``now`` (the router's clock): the fleet, the loads and the
-        demand."""
-        snapshot = update.snapshot
-        self._stale_figures |= update.figures_changed or moved(self.demand, demand)
+        """Take in a refresh at ``now`` (the router's clock; ``wall``: unix s): the fleet,
+        the loads and the demand."""
+        snapshot = fleet.snapshot
+        self._stale_figures |= fleet.figures_changed or moved(self.demand, demand)
         if (
-            update.workers_changed
+            fleet.workers_changed
             or self.snapshot is None
             or (self._stale_figures and now - self._built_at >= self.rebuild_s)
         ):
@@ -70,10 +72,9 @@ class Pools:
         else:
             # Against the leases the pools were built with, this router's own included: a
             # lease it took is news to Redis, not to its pools.
-            old = self.leases
-            for model in old.keys() | snapshot.leases.keys():
-                if old.get(model) != snapshot.leases.get(model):
-                    self._drop(model)
+            holders = _moved_holders(self.leases, snapshot.leases)
+            self.leases = {model: dict(held) for model, held in snapshot.leases.items()}
+            self._with_leases(holders, wall)
             for worker_id in in_flight.keys() | self.in_flight.keys():
                 if in_flight.get(worker_id, 0) != self.in_flight.get(worker_id, 0):
                     for ranking in self._rankings.values():
@@ -130,30 +131,54 @@ class Pools:
 
     def leased(self, model: str, holders: dict[str, float], worker_id: str, now: float) -> None:
         """``model``'s lease holders are now ``holders``, after ``worker_id`` asked for one
-        (``now``: unix s). When it got it, a keyed policy may build its candidate alone
-        (:meth:`KeyedPolicy.lease_taken`): a burst that adds copies of a model takes a lease
-        per copy, and preparing the model's pools again each time costs O(fleet). The rest
-        of the pools' view follows at the next rebuild. Otherwise the model's pools go."""
+        (``now``: unix s). When it got it, only its candidates change, and a keyed policy
+        builds them alone (:meth:`KeyedPolicy.with_leases`): a burst that adds copies of a
+        model takes a lease per copy, and preparing the pools again for each would cost
+        O(fleet). The rest of the pools' view follows at the next rebuild. Refused, the
+        model's pools go (the holders this router did not know of)."""
         self.leases[model] = holders
-        policy = self.policy
-        if worker_id not in holders or not isinstance(policy, KeyedPolicy):
+        if worker_id in holders:
+            self._with_leases({worker_id}, now)
+            self._stale_figures = True
+        else:
             self._drop(model)
+
+    def _with_leases(self, workers: set[str], now: float) -> None:
+        """Put in every pool the candidates of ``workers`` under the current leases (a load
+        makes a worker busy whatever the model); a pool the policy cannot patch goes."""
+        if not workers:
             return
-        for key in [k for k in self._pools if k[1] == model]:
-            pool = self._pools[key]
-            fresh = policy.lease_taken(pool, worker_id, self.leases, now)
-            ranking = self._rankings.get(key)
-            if fresh is None:
+        policy = self.policy
+        for key in list(self._pools):
+            pool, ranking = self._pools[key], self._rankings.get(key)
+            present = [w for w in workers if ranking is not None and w in ranking]
+            fresh = [
+                policy.with_leases(pool, w, self.leases, now)
+                if isinstance(policy, KeyedPolicy)
+                else None
+                for w in present
+            ]
+            if ranking is None or any(c is None for c in fresh):
                 del self._pools[key]
                 self._rankings.pop(key, None)
-            elif ranking is not None:
-                ranking.replace(fresh, self.in_flight)
-            else:
-                pool[:] = [fresh if c.heartbeat.worker_id == worker_id else c for c in pool]
-        self._stale_figures = True
+                continue
+            for candidate in fresh:
+                ranking.replace(candidate, self.in_flight)
 
     def _drop(self, model: str) -> None:
         """Forget the pools for ``model``: they are built again when next needed."""
         for key in [k for k in self._pools if k[1] == model]:
             del self._pools[key]
             self._rankings.pop(key, None)
+
+
+def _moved_holders(
+    old: Mapping[str, Mapping[str, float]], new: Mapping[str, Mapping[str, float]]
+) -> set[str]:
+    """The workers whose leases differ between ``old`` and ``new`` (model -> holders)."""
+    moved: set[str] = set()
+    for model in old.keys() | new.keys():
+        before, after = old.get(model, {}), new.get(model, {})
+        if before != after:
+            moved.update(w for w in before.keys() | after.keys() if before.get(w) != after.get(w))
+    return moved

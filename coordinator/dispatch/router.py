@@ -32,7 +32,7 @@ from coordinator.fleet.claims import (
 from coordinator.fleet.fleet_view import FleetView
 from coordinator.fleet.registry import Registry
 from coordinator.routing import Breakdown, CostPolicy, Policy
-from coordinator.routing.decisions import Outcome, decision_json
+from coordinator.routing.decisions import DecisionBudget, Outcome, decision_json
 from coordinator.routing.demand import Demand, decayed, merged
 from coordinator.routing.interface import MIN_LEASE_GRACE_S
 
@@ -95,8 +95,7 @@ class FleetRouter:
     pools: Pools = field(init=False, repr=False)
     """The candidates per service and model, from the last refresh."""
     _refreshed_at: float = field(default=float("-inf"), init=False, repr=False)
-    _decision_budget: float = field(default=0.0, init=False, repr=False)
-    _budget_at: float = field(default=float("-inf"), init=False, repr=False)
+    _budget: DecisionBudget = field(init=False, repr=False)
     _down_until: float = field(default=float("-inf"), init=False, repr=False)
     _last_warning: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -106,6 +105,7 @@ class FleetRouter:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
         self.claims.demand_tau_s = self.demand.tau_s
         self.fleet = FleetView(self.registry)
+        self._budget = DecisionBudget(self.decisions_per_s)
         self.pools = Pools(self.policy, self.rng)
         self.unsent = UnsentClaims(self.claims)
         self.tasks = TaskLookup(self.registry, refresh_s=self.refresh_s, clock=self.clock)
@@ -129,6 +129,7 @@ class FleetRouter:
         """Celery's router protocol: a route for tasks that declare a ``service``, ``None``
         for everything else."""
         if options.get("queue"):
+            self._drop_copied_claim(options)
             return None  # the caller chose a queue: theirs wins
         spec = self.task_spec(name, task)
         if spec is None:
@@ -141,6 +142,15 @@ class FleetRouter:
             headers[CLAIM_HEADER] = claim_header(route.claim)
         options["headers"] = headers
         return {"queue": route.queue}
+
+    def _drop_copied_claim(self, options: MutableMapping[str, Any]) -> None:
+        """Drop a claim header this router did not just give (a retry sent to a queue of the
+        caller's choosing copies the last attempt's): the message is not counted, and work
+        stealing leaves a message without a claim where its caller sent it."""
+        headers = options.get("headers") or {}
+        claim = parse_claim(headers.get(CLAIM_HEADER))
+        if claim is not None and not self.unsent.holds(claim[1]):
+            options["headers"] = {k: v for k, v in headers.items() if k != CLAIM_HEADER}
 
     def task_spec(self, name: str, task: object = None) -> TaskSpec | None:
         """What task ``name`` declares (see :meth:`TaskLookup.spec`)."""
@@ -232,17 +242,7 @@ class FleetRouter:
         return Route(queue, *claim)
 
     def _keep_decision(self, now: float) -> bool:
-        """Whether this decision is kept: a token bucket of ``decisions_per_s``."""
-        if self.decisions_kept <= 0:
-            return False
-        rate = self.decisions_per_s
-        budget = min(rate, self._decision_budget + (now - self._budget_at) * rate)
-        self._budget_at = now
-        if budget < 1.0:
-            self._decision_budget = budget
-            return False
-        self._decision_budget = budget - 1.0
-        return True
+        return self.decisions_kept > 0 and self._budget.keep(now)
 
     def refresh(self) -> None:
         """Take a registry snapshot now instead of reusing one up to ``refresh_s`` old."""
@@ -250,8 +250,9 @@ class FleetRouter:
             self._refresh(self.clock())
 
     def explain(self, service: str, model: str | None) -> list[Breakdown]:
-        """How every eligible worker ranks right now, best first: the router's own decision
-        on a fresh snapshot (its leases, in-flight counts and demand), without the random
+        """How every eligible worker ranks right now, best first: the router's own decision,
+        on its pools as a routed task would find them after a refresh (its leases, in-flight
+        counts and demand; figures up to ``Pools.rebuild_s`` old), without the random
         tiebreak; claims nothing and takes no lease."""
         with self._lock:
             now = self.clock()
@@ -330,7 +331,7 @@ class FleetRouter:
             in_flight[worker_id] = in_flight.get(worker_id, 0) + count
         shared = decayed(update.demand, wall, self.demand.tau_s)
         demand = merged(shared, self.demand.rates(now))
-        self.pools.update(update, in_flight, demand, now)
+        self.pools.update(update, in_flight, demand, now, wall)
         self._refreshed_at = now
 
     def _decision(
@@ -374,7 +375,7 @@ class FleetRouter:
         )
         decision = (
             self._decision(task, service, model, outcome, queue, reason=reason)
-            if outcome != "fallback_registry_down" and self.decisions_kept > 0
+            if outcome != "fallback_registry_down" and self._keep_decision(self.clock())
             else None
         )
         label = outcome.removeprefix("fallback_")

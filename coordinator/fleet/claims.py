@@ -239,6 +239,11 @@ class UnsentClaims:
         with self._lock:
             self._unsent[unsent.claim[1]] = unsent
 
+    def holds(self, claim_id: str) -> bool:
+        """Whether ``claim_id`` was routed here and waits for its message's publish."""
+        with self._lock:
+            return claim_id in self._unsent
+
     def confirm(self, claim_id: str) -> None:
         """The message carrying ``claim_id`` was published: its claim counts in Redis."""
         if not self._unsent:  # most publishes: nothing this router routed is waiting

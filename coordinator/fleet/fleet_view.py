@@ -10,9 +10,10 @@ with heartbeats every 30 s, a refresh reads the thirtieth of the fleet that beat
 
 A heartbeat that expires is not a write: each heartbeat read comes with its time to live,
 and the view drops the worker when that runs out without a newer one. A full read every
-``resync_s`` catches what no counter announced (a worker of an older version writing its
-heartbeat directly, an entry edited by hand); so does a counter that went backwards (Redis
-restarted empty).
+``resync_s`` catches what no counter announced (an entry edited by hand); so does a counter
+that went backwards (Redis restarted empty) and any Redis error (a failover). A worker of
+an older version renews its heartbeat without moving a counter: the view keeps it without
+a time to live, its figures as of the last full read, until it is reaped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import redis
 
 from coordinator.core.heartbeat import Heartbeat
 from coordinator.fleet.registry import Registry, Snapshot
@@ -64,9 +67,15 @@ class FleetView:
         ``resync_s``); ``now`` is the unix time leases and marks are read against."""
         mono = self.clock()
         full = self._seq is None or mono - self._synced_at >= self.resync_s
-        read = self.registry.read(None if full else self._seq, now)
-        if not full and self._seq is not None and read.seq < self._seq:
-            full, read = True, self.registry.read(None, now)  # the counter was reset
+        try:
+            read = self.registry.read(None if full else self._seq, now)
+            if not full and self._seq is not None and read.seq < self._seq:
+                full, read = True, self.registry.read(None, now)  # the counter was reset
+        except redis.RedisError:
+            # Redis may come back as another server (a failover to a replica a few writes
+            # behind, whose counter soon passes ours): start again from a full read.
+            self._seq = None
+            raise
         changed, figures = self._apply(read, full, mono)
         changed |= self._expire(mono)
         unreachable = unreachable_from(self._marks, now)

@@ -155,13 +155,16 @@ class Registry:
         gone = self.client.hgetall(self.keys.gone)
         return {str(k): seconds_from(str(v)) for k, v in gone.items()}
 
-    def drop_gone(self, worker_id: str) -> None:
-        """Stop draining a gone worker's queue (it is back, or long enough gone), and drop
-        its change counter (every router has long seen it go)."""
+    def drop_gone(self, worker_id: str, *, back: bool = False) -> None:
+        """Stop draining a gone worker's queue: it is ``back`` (heartbeating again), or long
+        enough gone that every router has seen it go, and then its change counters and
+        any claim a late router wrote on it go too."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hdel(self.keys.gone, worker_id)
-        pipe.zrem(self.keys.changes, worker_id)
-        pipe.zrem(self.keys.beat_changes, worker_id)
+        if not back:  # a returning worker's counters were just moved by its heartbeat
+            pipe.zrem(self.keys.changes, worker_id)
+            pipe.zrem(self.keys.beat_changes, worker_id)
+            pipe.delete(self.keys.claims(worker_id), self.keys.released(worker_id))
         pipe.execute()
 
     def touch(self, *worker_ids: str, pipe: redis.client.Pipeline | None = None) -> None:
@@ -206,15 +209,9 @@ class Registry:
         """
         at = time.time() if now is None else now
         keys = self.keys
+        names = [keys.workers, keys.leases, keys.seq, keys.changes, keys.demand]
         seq, beats, flight, leases, down, refused, gone, demand = self._snapshot_script(
-            keys=[
-                keys.workers,
-                keys.leases,
-                keys.seq,
-                keys.changes,
-                keys.demand,
-                keys.beat_changes,
-            ],
+            keys=[*names, keys.beat_changes],
             args=[
                 keys.worker_prefix,
                 keys.claims_prefix,
@@ -229,14 +226,17 @@ class Registry:
         for worker_id, why in zip(refused[::2], refused[1::2], strict=True):
             self._warn_once(worker_id, why, HeartbeatError(worker_id, why))
         heartbeats: dict[str, tuple[Heartbeat, float | None]] = {}
-        for worker_id, raw, pttl in zip(beats[::3], beats[1::3], beats[2::3], strict=True):
+        for i in range(0, len(beats), 4):
+            worker_id, raw, pttl, counted = beats[i : i + 4]
             try:
                 heartbeat = parse_heartbeat(raw, worker_id)
             except HeartbeatError as exc:
                 self._warn_once(worker_id, raw, exc)
                 unusable.add(worker_id)
                 continue
-            heartbeats[worker_id] = (heartbeat, int(pttl) / 1000 if int(pttl) >= 0 else None)
+            # Not counted: renewed without moving a counter, so no time to live is kept.
+            ttl_s = int(pttl) / 1000 if int(pttl) >= 0 and int(counted) else None
+            heartbeats[worker_id] = (heartbeat, ttl_s)
         return FleetRead(
             seq=int(seq),
             heartbeats=heartbeats,

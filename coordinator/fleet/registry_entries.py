@@ -21,7 +21,8 @@ class FleetRead:
     seq: int
     """The fleet's change counter when read."""
     heartbeats: dict[str, tuple[Heartbeat, float | None]]
-    """worker_id -> its heartbeat and the seconds its key has to live (``None``: no TTL)."""
+    """worker_id -> its heartbeat and the seconds its key has to live (``None``: no TTL, or
+    a heartbeat renewed without moving the change counters, by an older worker)."""
     unusable: frozenset[str]
     """Workers whose heartbeat is there but malformed or refused: not routable."""
     gone: tuple[str, ...]

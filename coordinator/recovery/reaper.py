@@ -149,7 +149,7 @@ class Reaper:
         for worker_id, since in sorted(gone.items()):
             queue = self.fleet.keys.worker_queue(worker_id)
             if worker_id in back or wall - since > DRAINED_FOR_S:
-                registry.drop_gone(worker_id)
+                registry.drop_gone(worker_id, back=worker_id in back)
                 if worker_id not in back:
                     self.messages.retire(queue)
                 continue

@@ -225,28 +225,33 @@ class CostPolicy(KeyedPolicy[CostCandidate]):
             replicating,
         )
 
-    def lease_taken(
+    def with_leases(
         self, pool: Sequence[CostCandidate], worker_id: str, leases: Leases, now: float
     ) -> CostCandidate | None:
-        """``worker_id``'s candidate once it loads the pool's model under ``leases``; ``None``
-        when the new copy changes whether demand wants more copies: every cold candidate's
-        price changes then, and the pool must be prepared again. The rest of the fleet's
-        view (the balance term's shares) takes the lease in at the pool's next rebuild."""
-        if not isinstance(pool, CostPool) or pool.model is None:
+        """``worker_id``'s candidate in ``pool`` now that its loads are ``leases``' (a lease
+        taken, ended or moved); ``None`` when the pool must be prepared again: a copy more
+        or less of the pool's model changes whether demand wants another, and so every cold
+        candidate's price. The rest of the fleet's view (the balance term's shares) takes
+        the leases in at the pool's next rebuild."""
+        if not isinstance(pool, CostPool):
             return None
-        loading = leases.get(pool.model, {})
-        held = pool.view.copies.get(pool.model, 0) + len(loading)
-        ready_at = loading.get(worker_id)
-        if ready_at is None or self._wants_copy(pool.view, pool.model, held) != pool.replicating:
+        model, view = pool.model, pool.view
+        loading = leases.get(model, {}) if model is not None else {}
+        held = view.copies.get(model, 0) + len(loading) if model is not None else 0
+        if model is not None and self._wants_copy(view, model, held) != pool.replicating:
             return None
         old = next((c for c in pool if c.worker_id == worker_id), None)
         if old is None:
             return None
-        busy_until = pool.view.busy_until
+        busy_until = view.busy_until
         assert isinstance(busy_until, dict)  # the pool's own, built by prepare
-        busy_until[worker_id] = max(ready_at, busy_until.get(worker_id, ready_at))
+        ready = [holders[worker_id] for holders in leases.values() if worker_id in holders]
+        if ready:
+            busy_until[worker_id] = max(ready)
+        else:
+            busy_until.pop(worker_id, None)
         return self._candidate(
-            old.heartbeat, pool.view, pool.model, pool.fleet_run_s, loading, pool.weight, now
+            old.heartbeat, view, model, pool.fleet_run_s, loading, pool.weight, now
         )
 
     def _candidate(

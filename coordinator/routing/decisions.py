@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -11,6 +12,28 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 from coordinator.routing import POLICIES, Breakdown, SeedPolicy
 
 Outcome = Literal["routed", "fallback_no_worker", "fallback_registry_down", "fallback_error"]
+
+
+@dataclass
+class DecisionBudget:
+    """Which decisions to keep: at most ``per_s`` a second, in bursts of a second's worth
+    (never too few to keep one), a token bucket on the caller's clock."""
+
+    per_s: float
+    _tokens: float = field(default=0.0, init=False)
+    _at: float = field(default=float("-inf"), init=False)
+
+    def keep(self, now: float) -> bool:
+        """Whether to keep the decision made at ``now``."""
+        if self.per_s <= 0:
+            return False
+        tokens = min(max(self.per_s, 1.0), self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
 
 
 def decision_json(

@@ -128,12 +128,12 @@ class KeyedPolicy(Policy[C]):
     def breakdown(self, candidate: C, load: int) -> Breakdown:
         """The candidate's breakdown at ``load`` (its ``total`` need not be the key)."""
 
-    def lease_taken(
+    def with_leases(
         self, pool: Sequence[C], worker_id: str, leases: Leases, now: float
     ) -> C | None:
-        """``worker_id``'s candidate in ``pool`` (from :meth:`prepare`) once it holds a lease
-        in ``leases`` on loading the pool's model, for the router to put in its place; or
-        ``None`` (the default) when the pool must be prepared again."""
+        """``worker_id``'s candidate in ``pool`` (from :meth:`prepare`) now that the loads
+        it holds leases for are ``leases``', for the router to put in its place; or ``None``
+        (the default) when the pool must be prepared again."""
         return None
 
     def rank(

@@ -6,9 +6,11 @@
 -- over the size limit, or a key of another type, is refused here, so a huge entry never
 -- crosses the network.
 -- KEYS: the workers set, the leases hash, the change counter, the changes zset, the demand
--- hash, the heartbeat changes zset (a changed worker's heartbeat is sent only when new). ARGV: the heartbeat key prefix, the claims key prefix, the early releases key
--- prefix, now (unix s), the down key prefix, the largest heartbeat in bytes, 'all' or the
--- change counter last read. Returns the change counter, {id, heartbeat, ms to live, ...},
+-- hash, the heartbeat changes zset (a changed worker's heartbeat is sent only when new).
+-- ARGV: the heartbeat key prefix, the claims key prefix, the early releases key prefix, now
+-- (unix s), the down key prefix, the largest heartbeat in bytes, 'all' or the change
+-- counter last read. Returns the change counter, {id, heartbeat, ms to live,
+-- counted (1: its writes move the counters), ...},
 -- {id, in-flight count, ...}, leases, {id, service, until, ...}, {id, why refused, ...},
 -- {id gone, ...}, demand.
 local seq = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -42,11 +44,17 @@ for _, id in ipairs(ids) do
       beats[#beats + 1] = id
       beats[#beats + 1] = redis.call('GET', key)
       beats[#beats + 1] = redis.call('PTTL', key)
+      -- 0: written without moving a counter (a worker of an older version), so a router
+      -- must not expire it on its own clock: it would miss the renewals.
+      beats[#beats + 1] = redis.call('ZSCORE', KEYS[6], id) and 1 or 0
     end
     local claims = ARGV[2] .. id
     -- pcall: a key of the wrong type (written by anyone with access) counts as no claims
     -- rather than failing every router's snapshot.
-    redis.pcall('ZREMRANGEBYSCORE', claims, '-inf', '(' .. ARGV[4])
+    local lapsed = redis.pcall('ZREMRANGEBYSCORE', claims, '-inf', '(' .. ARGV[4])
+    if type(lapsed) == 'number' and lapsed > 0 then
+      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[3]), id)  -- the others' counts fall
+    end
     redis.pcall('ZREMRANGEBYSCORE', ARGV[3] .. id, '-inf', '(' .. ARGV[4])
     local count = redis.pcall('ZCARD', claims)
     flight[#flight + 1] = id
