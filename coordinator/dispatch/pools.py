@@ -62,6 +62,9 @@ class Pools:
         the loads and the demand."""
         snapshot = fleet.snapshot
         self._stale_figures |= fleet.figures_changed or moved(self.demand, demand)
+        # Compared with the leases the pools were built with, this router's own included: a
+        # lease it took is news to Redis, not to its pools.
+        before, self.leases = self.leases, {m: dict(held) for m, held in snapshot.leases.items()}
         if (
             fleet.workers_changed
             or self.snapshot is None
@@ -70,17 +73,12 @@ class Pools:
             self._pools, self._rankings, self.demand = {}, {}, demand
             self._built_at, self._stale_figures = now, False
         else:
-            # Against the leases the pools were built with, this router's own included: a
-            # lease it took is news to Redis, not to its pools.
-            holders = _moved_holders(self.leases, snapshot.leases)
-            self.leases = {model: dict(held) for model, held in snapshot.leases.items()}
-            self._with_leases(holders, wall)
+            self._with_leases(_moved_holders(before, self.leases), wall)
             for worker_id in in_flight.keys() | self.in_flight.keys():
                 if in_flight.get(worker_id, 0) != self.in_flight.get(worker_id, 0):
                     for ranking in self._rankings.values():
                         ranking.update(worker_id, in_flight)
         self.snapshot, self.in_flight = snapshot, in_flight
-        self.leases = {model: dict(holders) for model, holders in snapshot.leases.items()}
 
     def pool(self, key: PoolKey, now: float) -> list[Any]:
         """The policy's candidates for ``key`` (``now``: unix s, for the leases)."""

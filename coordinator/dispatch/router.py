@@ -90,7 +90,7 @@ class FleetRouter:
     tasks: TaskLookup = field(init=False, repr=False)
     """What each task declares (the router's :meth:`task_spec`)."""
     claims: ClaimBuffer = field(init=False, repr=False)
-    fleet: FleetView = field(init=False, repr=False)
+    view: FleetView = field(init=False, repr=False)
     """The fleet as this router has read it: a refresh reads only what changed."""
     pools: Pools = field(init=False, repr=False)
     """The candidates per service and model, from the last refresh."""
@@ -104,7 +104,7 @@ class FleetRouter:
     def __post_init__(self) -> None:
         self.claims = ClaimBuffer(self.registry, self.decisions_kept, self.claim_lapse_s)
         self.claims.demand_tau_s = self.demand.tau_s
-        self.fleet = FleetView(self.registry)
+        self.view = FleetView(self.registry)
         self._budget = DecisionBudget(self.decisions_per_s)
         self.pools = Pools(self.policy, self.rng)
         self.unsent = UnsentClaims(self.claims)
@@ -324,7 +324,7 @@ class FleetRouter:
         self.unsent.prune(now)
         self.claims.flush()
         wall = self.wall_clock()
-        update = self.fleet.refresh(wall)
+        update = self.view.refresh(wall)
         # Claims still buffered (Redis refused the flush) are part of the load all the same.
         in_flight = dict(update.snapshot.in_flight)
         for worker_id, count in self.claims.pending().items():
