@@ -189,12 +189,12 @@ class RedisStealing:
         return _Move(raw, self._rewrite(payload, claim), claim)
 
     def _rewrite(self, payload: dict[str, Any], claim: Claim) -> str:
-        """The message pointed at this worker's queue, its claim at this worker."""
-        moved = json.loads(json.dumps(payload))
-        moved["headers"][CLAIM_HEADER] = claim_header((self.worker_id, claim[1]))
-        properties = moved.setdefault("properties", {})
+        """The message pointed at this worker's queue, its claim at this worker (``payload``
+        was parsed for this move alone, so it is changed in place)."""
+        payload["headers"][CLAIM_HEADER] = claim_header((self.worker_id, claim[1]))
+        properties = payload.setdefault("properties", {})
         properties["delivery_info"] = {"exchange": self.queue, "routing_key": self.queue}
-        return json.dumps(moved)
+        return json.dumps(payload)
 
 
 def _arguments(payload: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
